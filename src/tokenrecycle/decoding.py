@@ -1,0 +1,38 @@
+"""The decoding loop: propose, verify, observe, commit. One step yields the tokens it decided."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .drafters import Drafter
+from .runners import ModelRunner
+from .trees import limit_depth
+from .verify import verify_greedy
+
+
+def speculative_greedy(
+    runner: ModelRunner, drafter: Drafter, prompt_ids: np.ndarray, max_new_tokens: int
+) -> Iterator[list[int]]:
+    """Yield the tokens decided at each forward pass, exactly those plain greedy decoding gives.
+
+    The first yield (one token) comes from the prefill; each later one holds the accepted draft
+    tokens plus the bonus token. The total never exceeds max_new_tokens: trees are cut to the
+    depth that could still be used. The caller stops early (EOS, stop strings) by closing it.
+    """
+    logits = runner.prefill(prompt_ids)
+    drafter.start(prompt_ids, logits)
+    token = int(logits[-1].argmax())
+    yield [token]
+    produced = 1
+    while produced < max_new_tokens:
+        depth_room = min(max_new_tokens - produced, runner.max_context - runner.cache_length) - 1
+        tree = limit_depth(drafter.propose(token), depth_room)
+        logits = runner.forward_tree(tree)
+        accepted, token = verify_greedy(tree, logits)
+        drafter.observe(tree, logits, accepted)
+        runner.commit(accepted)
+        step_tokens = tree.tokens[accepted[1:]].tolist() + [token]
+        produced += len(step_tokens)
+        yield step_tokens

@@ -1,0 +1,29 @@
+"""The drafter interface: propose a tree from the last decided token, learn from verified logits."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+from ..trees import DraftTree
+
+
+class Drafter(ABC):
+    @abstractmethod
+    def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
+        """A new request begins; the prompt's prefill logits are offered for seeding."""
+
+    @abstractmethod
+    def propose(self, root_token: int) -> DraftTree:
+        """A tree whose root is `root_token`, the last token already decided."""
+
+    @abstractmethod
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:
+        """The target model's logits for every node of `tree`; `accepted` is the kept path."""
+
+    @property
+    def memory_bytes(self) -> int:
+        """Extra state this drafter keeps, in bytes."""
+        return 0

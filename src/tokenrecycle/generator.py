@@ -1,0 +1,239 @@
+"""The public API: load a model once, generate many times, streaming or not."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .decoding import speculative_greedy
+from .drafters import TokenRecyclingDrafter
+from .errors import EmptyPromptError, InvalidOptionError, InvalidTemplateError, PromptTooLongError
+from .models import DEFAULT_MODEL, load_model
+from .runners import HFRunner
+from .templates import TEMPLATES
+from .text import OutputAssembler
+from .trees import CompiledTree, compile_template
+
+# Verification is nearly free for many tokens only where matrix units are fast (bf16 here);
+# in float32 every extra tree token costs, so the default tree is smaller there.
+DEFAULT_TREE = {"float32": "tr8", "bfloat16": "tr32"}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    steps: int  # target-model forward passes that decided tokens, the prefill included
+    seconds: float
+    stop_reason: str
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens decided per step
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean tokens decided per forward pass (MAT); exactly 1.0 for plain decoding."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.accepted_lengths).items()))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(mean_accepted=self.mean_accepted, tokens_per_s=self.tokens_per_s)
+        return data
+
+    def stats_line(self) -> str:
+        return (
+            f"{self.new_tokens} new tokens in {self.steps} steps · MAT {self.mean_accepted:.2f} · "
+            f"{self.tokens_per_s:.1f} tokens/s ({self.seconds:.2f} s, stop: {self.stop_reason})"
+        )
+
+
+class Generation:
+    """A streaming generation: iterate for text pieces; `result` is set when iteration ends."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._pieces
+
+
+class Generator:
+    """Loads a model once and decodes with Token Recycling; every output equals plain greedy decoding."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        dtype: str = "float32",
+        tree: str | Sequence[Sequence[int]] | None = None,
+        topk: int = 8,
+        hot_start: bool = True,
+    ):
+        if topk < 1:
+            raise InvalidOptionError(f"topk must be at least 1, got {topk}")
+        self.loaded = load_model(model, dtype)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.dtype = dtype
+        self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[dtype])
+        self.template = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
+        self.runner = HFRunner(self.model)
+        self.drafter = TokenRecyclingDrafter(self.runner.vocab_size, self.template, topk, hot_start)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool | None = None) -> np.ndarray:
+        """Token ids of a prompt; instruct models get their chat template unless chat=False."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise EmptyPromptError("the prompt is empty")
+        use_chat = self.tokenizer.chat_template is not None if chat is None else chat
+        if use_chat:
+            messages = [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
+        return np.asarray(ids, dtype=np.int64)
+
+    def check_fits(self, prompt_ids: np.ndarray, max_new_tokens: int) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidOptionError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        limit = self.runner.max_context
+        if len(prompt_ids) + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={max_new_tokens} "
+                f"exceeds the context window of {limit} tokens"
+            )
+
+    # ---- decoding ------------------------------------------------------------------------
+    def stream(
+        self, prompt: str, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+    ) -> Generation:
+        prompt_ids = self.encode(prompt, chat)
+        self.check_fits(prompt_ids, max_new_tokens)
+        steps = speculative_greedy(self.runner, self.drafter, prompt_ids, max_new_tokens)
+        return Generation(self._assemble(steps, prompt_ids, max_new_tokens, stop))
+
+    def generate(
+        self, prompt: str, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+    ) -> GenerationResult:
+        generation = self.stream(prompt, max_new_tokens, stop, chat)
+        for _ in generation:
+            pass
+        return generation.result
+
+    def generate_plain(
+        self, prompt: str, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+    ) -> GenerationResult:
+        """Plain greedy decoding with transformers' own `model.generate`: the reference and baseline."""
+        prompt_ids = self.encode(prompt, chat)
+        self.check_fits(prompt_ids, max_new_tokens)
+        start = time.perf_counter()
+        tokens = plain_greedy_tokens(self.model, prompt_ids, max_new_tokens, self.eos_ids)
+        seconds = time.perf_counter() - start
+        assembler = self._assembler(max_new_tokens, stop)
+        assembler.add(tokens)
+        return GenerationResult(
+            text=assembler.text,
+            token_ids=assembler.tokens,
+            prompt_tokens=len(prompt_ids),
+            new_tokens=len(assembler.tokens),
+            steps=len(assembler.tokens),
+            seconds=seconds,
+            stop_reason=assembler.stop_reason or "length",
+            accepted_lengths=[1] * len(assembler.tokens),
+        )
+
+    def _assemble(self, steps, prompt_ids, max_new_tokens, stop) -> Iterator[str]:
+        assembler = self._assembler(max_new_tokens, stop)
+        accepted: list[int] = []
+        start = time.perf_counter()
+        for step_tokens in steps:
+            before = len(assembler.tokens)
+            piece = assembler.add(step_tokens)
+            accepted.append(len(assembler.tokens) - before)
+            if piece:
+                yield piece
+            if assembler.done:
+                break
+        steps.close()
+        return GenerationResult(
+            text=assembler.text,
+            token_ids=assembler.tokens,
+            prompt_tokens=len(prompt_ids),
+            new_tokens=len(assembler.tokens),
+            steps=len(accepted),
+            seconds=time.perf_counter() - start,
+            stop_reason=assembler.stop_reason or "length",
+            accepted_lengths=accepted,
+        )
+
+    def _assembler(self, max_new_tokens: int, stop: Sequence[str]) -> OutputAssembler:
+        if isinstance(stop, str):
+            stop = [stop]
+        return OutputAssembler(self.tokenizer, self.eos_ids, list(stop), max_new_tokens)
+
+    # ---- the recycling table -------------------------------------------------------------
+    def save_table(self, path: str | Path) -> None:
+        self.drafter.save(path)
+
+    def load_table(self, path: str | Path) -> None:
+        self.drafter.load(path)
+
+    def reset_table(self) -> None:
+        self.drafter.reset()
+
+
+def resolve_tree(tree: str | Sequence[Sequence[int]], topk: int) -> CompiledTree:
+    """A named template (trimmed to ranks below topk), a JSON file of rank paths, or the paths."""
+    if isinstance(tree, str):
+        if tree in TEMPLATES:
+            return compile_template([p for p in TEMPLATES[tree] if max(p) < topk], topk)
+        path = Path(tree)
+        if not path.is_file():
+            names = ", ".join(TEMPLATES)
+            raise InvalidTemplateError(f"unknown tree '{tree}' (named trees: {names}; or a JSON file of rank paths)")
+        try:
+            tree = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidTemplateError(f"cannot read tree file {path}: {exc}") from None
+        if not isinstance(tree, list):
+            raise InvalidTemplateError(f"tree file {path} must hold a JSON list of rank paths")
+    return compile_template(tree, topk)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+@torch.inference_mode()
+def plain_greedy_tokens(model, prompt_ids: np.ndarray, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    ids = torch.as_tensor(prompt_ids, device=model.device)[None]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(eos_ids),
+        pad_token_id=sorted(eos_ids)[0],
+    )
+    return out[0, len(prompt_ids) :].tolist()

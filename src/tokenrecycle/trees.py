@@ -1,0 +1,186 @@
+"""Draft trees as data.
+
+A *template* is a list of rank paths: (0, 1) means "the rank-1 candidate after the rank-0 candidate
+after the root". `compile_template` turns one into the buffers every step needs, once. A drafter
+fills a compiled template with tokens and prunes the nodes it cannot fill, giving a `DraftTree`:
+the only thing the verifier and the runner ever see. Node 0 of every tree is the root, the last
+token already decided; its logits predict depth 1.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import InvalidTemplateError
+
+RankPath = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CompiledTree:
+    """A template's structure in breadth-first order; node 0 is the root (the empty path)."""
+
+    paths: tuple[RankPath, ...]
+    parents: np.ndarray  # (n,) int64; parents[0] == -1
+    ranks: np.ndarray  # (n,) rank of each node among its parent's candidates; 0 for the root
+    depths: np.ndarray  # (n,) int64; 0 for the root
+    ancestor_mask: np.ndarray  # (n, n) bool; [i, j] is True when j is i or an ancestor of i
+    level_bounds: tuple[tuple[int, int], ...]  # node index range [start, end) of each depth >= 1
+
+    @property
+    def num_nodes(self) -> int:
+        """Draft nodes, root excluded: the extra tokens one verification pass costs."""
+        return len(self.paths) - 1
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max())
+
+    def leaf_paths(self) -> np.ndarray:
+        """(leaves, max_depth + 1) node indices of every root-to-leaf path, right-padded with -1."""
+        is_parent = np.zeros(len(self.paths), dtype=bool)
+        is_parent[self.parents[1:]] = True
+        leaves = np.flatnonzero(~is_parent)
+        out = np.full((len(leaves), self.max_depth + 1), -1, dtype=np.int64)
+        for row, leaf in enumerate(leaves):
+            chain = np.flatnonzero(self.ancestor_mask[leaf])
+            out[row, : len(chain)] = chain
+        return out
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """Tokens to verify in one pass: node 0 is the root, parents precede children."""
+
+    tokens: np.ndarray  # (n,) int64
+    parents: np.ndarray  # (n,) int64; parents[0] == -1
+    depths: np.ndarray  # (n,) int64
+    ancestor_mask: np.ndarray  # (n, n) bool
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return int(self.depths.max())
+
+    def path_to(self, node: int) -> np.ndarray:
+        """Node indices from the root to `node`, both included."""
+        return np.flatnonzero(self.ancestor_mask[node])
+
+
+def validate_template(paths: Iterable[Sequence[int]], topk: int) -> list[RankPath]:
+    """Return the paths as tuples, or raise InvalidTemplateError saying what is wrong."""
+    result: list[RankPath] = []
+    for path in paths:
+        if not isinstance(path, (list, tuple)) or not all(_is_int(r) for r in path):
+            raise InvalidTemplateError(f"template entry {path!r} is not a list of integer ranks")
+        result.append(tuple(int(r) for r in path))
+    seen = set(result)
+    if len(seen) != len(result):
+        raise InvalidTemplateError("template has duplicate paths")
+    for path in result:
+        if not path:
+            raise InvalidTemplateError("template paths must not be empty (the root is implicit)")
+        if any(r < 0 or r >= topk for r in path):
+            raise InvalidTemplateError(f"template path {list(path)} has a rank outside 0..{topk - 1} (topk={topk})")
+        if len(path) > 1 and path[:-1] not in seen:
+            raise InvalidTemplateError(f"template path {list(path)} has no parent path {list(path[:-1])}")
+    return result
+
+
+def compile_template(paths: Iterable[Sequence[int]], topk: int) -> CompiledTree:
+    """Validate a template and build its buffers (pure)."""
+    ordered = [()] + sorted(validate_template(paths, topk), key=lambda p: (len(p), p))
+    index = {path: i for i, path in enumerate(ordered)}
+    parents = np.array([-1] + [index[p[:-1]] for p in ordered[1:]], dtype=np.int64)
+    ranks = np.array([0] + [p[-1] for p in ordered[1:]], dtype=np.int64)
+    depths = np.array([len(p) for p in ordered], dtype=np.int64)
+    return CompiledTree(
+        paths=tuple(ordered),
+        parents=parents,
+        ranks=ranks,
+        depths=depths,
+        ancestor_mask=ancestor_mask_from_parents(parents),
+        level_bounds=_level_bounds(depths),
+    )
+
+
+def ancestor_mask_from_parents(parents: np.ndarray) -> np.ndarray:
+    """[i, j] is True when j is i or an ancestor of i; parents must precede children."""
+    n = len(parents)
+    mask = np.eye(n, dtype=bool)
+    for i in range(1, n):
+        mask[i] |= mask[parents[i]]
+    return mask
+
+
+def prune(tree: CompiledTree | DraftTree, tokens: np.ndarray, keep: np.ndarray) -> DraftTree:
+    """Keep the nodes marked in `keep` whose ancestors are all kept too (pure).
+
+    A node whose parent was dropped is dropped with it, so the result is always a valid tree.
+    """
+    keep = keep.copy()
+    keep[0] = True
+    for i in range(1, len(keep)):
+        keep[i] &= keep[tree.parents[i]]
+    kept = np.flatnonzero(keep)
+    new_index = np.full(len(keep), -1, dtype=np.int64)
+    new_index[kept] = np.arange(len(kept))
+    parents = new_index[tree.parents[kept]]
+    parents[0] = -1
+    return DraftTree(
+        tokens=np.asarray(tokens, dtype=np.int64)[kept],
+        parents=parents,
+        depths=tree.depths[kept],
+        ancestor_mask=tree.ancestor_mask[np.ix_(kept, kept)],
+    )
+
+
+def first_of_each_sibling_token(parents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Mask of nodes that are not a repeat of an earlier sibling's token (a repeat wastes a node)."""
+    keys = parents * (int(tokens.max(initial=0)) + 1) + tokens
+    _, first = np.unique(keys, return_index=True)
+    keep = np.zeros(len(tokens), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
+    """Drop every node deeper than max_depth (used near max_new_tokens and the context limit)."""
+    if tree.max_depth <= max_depth:
+        return tree
+    return prune(tree, tree.tokens, tree.depths <= max_depth)
+
+
+def grow_template(rank_accept: Sequence[float], nodes_per_depth: Sequence[int]) -> list[RankPath]:
+    """Build a template level by level, keeping at each depth the children most likely accepted.
+
+    rank_accept[r] is an assumed probability that a rank-r candidate is the one accepted; a path's
+    value is the product over its ranks. Used to generate the shipped templates (see templates.py).
+    """
+    chosen: list[tuple[float, RankPath]] = [(1.0, ())]
+    template: list[RankPath] = []
+    for quota in nodes_per_depth:
+        candidates = [
+            (-value * p, path + (rank,)) for value, path in chosen for rank, p in enumerate(rank_accept)
+        ]
+        best = heapq.nsmallest(quota, candidates)
+        chosen = [(-neg, path) for neg, path in best]
+        template.extend(path for _, path in chosen)
+    return template
+
+
+def _level_bounds(depths: np.ndarray) -> tuple[tuple[int, int], ...]:
+    return tuple(
+        (int(np.searchsorted(depths, d, "left")), int(np.searchsorted(depths, d, "right")))
+        for d in range(1, int(depths.max()) + 1)
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
