@@ -23,7 +23,7 @@ from .trees import CompiledTree, compile_template
 
 # Verification is nearly free for many tokens only where matrix units are fast (bf16 here);
 # in float32 every extra tree token costs, so the default tree is smaller there.
-DEFAULT_TREE = {"float32": "tr8", "bfloat16": "tr32"}
+DEFAULT_TREE = {"float32": "tr8", "bfloat16": "tr16"}
 
 
 @dataclass
@@ -84,14 +84,17 @@ class Generator:
         topk: int = 8,
         hot_start: bool = True,
     ):
-        if topk < 1:
+        if not isinstance(topk, int) or topk < 1:
             raise InvalidOptionError(f"topk must be at least 1, got {topk}")
+        if dtype not in DEFAULT_TREE:
+            raise InvalidOptionError(f"dtype must be one of {', '.join(DEFAULT_TREE)}, got '{dtype}'")
+        # Options are checked before the model is loaded, so a typo fails in milliseconds.
+        self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[dtype])
+        self.template = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.dtype = dtype
-        self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[dtype])
-        self.template = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
         self.runner = HFRunner(self.model)
         self.drafter = TokenRecyclingDrafter(self.runner.vocab_size, self.template, topk, hot_start)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)

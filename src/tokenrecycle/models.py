@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 import importlib.util
@@ -19,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .errors import CorruptModelError, InvalidOptionError, ModelNotFoundError  # noqa: E402
 from .runners.hf import check_supported  # noqa: E402
@@ -88,6 +90,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
 
 
 def _load_directory(directory: Path, dtype: torch.dtype):
+    hf_logging.disable_progress_bar()
     try:
         AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:
@@ -117,6 +120,7 @@ def gguf_to_safetensors(gguf: Path) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
+    print(f"tokenrecycle: converting {gguf.name} to safetensors once (cached in {out.parent})", file=sys.stderr)
     try:
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

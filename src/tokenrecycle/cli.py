@@ -1,0 +1,111 @@
+"""Command line: `tokenrecycle generate "PROMPT"`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import TokenRecycleError
+from .models import DEFAULT_MODEL, DTYPES
+from .templates import TEMPLATES
+
+EXIT_BAD_INPUT = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit code 2, without the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_BAD_INPUT, f"tokenrecycle: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="tokenrecycle", description="Lossless speculative decoding with Token Recycling.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    gen = commands.add_parser("generate", help="generate an answer to a prompt, streamed")
+    gen.add_argument("prompt", help="the prompt (instruct models get their chat template)")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled name (smollm2, gemma3-270m), .gguf file or model directory")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--tree", default=None, help=f"named tree ({', '.join(TEMPLATES)}) or JSON file of rank paths; default by dtype")
+    gen.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
+    gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
+    gen.add_argument("--compare", action="store_true", help="also run plain greedy model.generate and compare")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_generate(args)
+    except TokenRecycleError as exc:
+        print(f"tokenrecycle: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tokenrecycle: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .generator import Generator
+
+    if not args.prompt.strip():
+        raise_bad("the prompt is empty")
+    if args.max_new_tokens < 1:
+        raise_bad(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    generator = Generator(args.model, dtype=args.dtype, tree=args.tree, topk=args.topk)
+    chat = False if args.no_chat else None
+    generator.check_fits(generator.encode(args.prompt, chat), args.max_new_tokens)
+    if args.table and Path(args.table).exists():
+        generator.load_table(args.table)
+    if args.compare:
+        warm_up(generator, chat)
+    generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat)
+    for piece in generation:
+        if not args.json:
+            print(piece, end="", flush=True)
+    result = generation.result
+    if args.table:
+        generator.save_table(args.table)
+    report = {"model": args.model, "dtype": args.dtype, "tree": generator.tree_name, **result.to_dict()}
+    if not args.json:
+        print(f"\n\n[tokenrecycle] {result.stats_line()} · tree {generator.tree_name}", file=sys.stderr)
+    if args.compare:
+        plain = generator.generate_plain(args.prompt, args.max_new_tokens, args.stop, chat)
+        comparison = {
+            "baseline_tokens_per_s": plain.tokens_per_s,
+            "speedup": result.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0,
+            "identical": plain.token_ids == result.token_ids,
+        }
+        report.update(comparison)
+        if not args.json:
+            print(
+                f"[plain greedy] {plain.tokens_per_s:.1f} tokens/s · speedup {comparison['speedup']:.2f}x · "
+                f"identical output: {'yes' if comparison['identical'] else 'NO'}",
+                file=sys.stderr,
+            )
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def warm_up(generator, chat) -> None:
+    """One short run of each method so neither pays first-call costs inside the timing."""
+    generator.generate("Hello", max_new_tokens=4, chat=chat)
+    generator.generate_plain("Hello", max_new_tokens=4, chat=chat)
+
+
+def raise_bad(message: str) -> None:
+    from .errors import InvalidOptionError
+
+    raise InvalidOptionError(message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
