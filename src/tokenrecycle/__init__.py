@@ -1,1 +1,35 @@
-from importlib.metadata import version; __version__ = version("tokenrecycle")
+"""tokenrecycle: lossless speculative decoding with Token Recycling."""
+
+from importlib.metadata import version
+
+from .errors import (
+    CorruptModelError,
+    CorruptTableError,
+    EmptyPromptError,
+    InvalidOptionError,
+    InvalidTemplateError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    TokenRecycleError,
+    UnsupportedModelError,
+)
+from .generator import Generation, GenerationResult, Generator
+from .templates import TEMPLATES
+
+__version__ = version("tokenrecycle")
+
+__all__ = [
+    "Generator",
+    "Generation",
+    "GenerationResult",
+    "TEMPLATES",
+    "TokenRecycleError",
+    "InvalidOptionError",
+    "EmptyPromptError",
+    "PromptTooLongError",
+    "InvalidTemplateError",
+    "ModelNotFoundError",
+    "CorruptModelError",
+    "UnsupportedModelError",
+    "CorruptTableError",
+]

@@ -89,15 +89,24 @@ class Generator:
         if dtype not in DEFAULT_TREE:
             raise InvalidOptionError(f"dtype must be one of {', '.join(DEFAULT_TREE)}, got '{dtype}'")
         # Options are checked before the model is loaded, so a typo fails in milliseconds.
-        self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[dtype])
-        self.template = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
+        template = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.dtype = dtype
         self.runner = HFRunner(self.model)
-        self.drafter = TokenRecyclingDrafter(self.runner.vocab_size, self.template, topk, hot_start)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
+        self.hot_start = hot_start
+        self._install_drafter(tree, template, topk)
+
+    def set_tree(self, tree: str | Sequence[Sequence[int]] | None, topk: int = 8) -> None:
+        """Switch to another tree (named, file or paths); the recycling table starts empty."""
+        self._install_drafter(tree, resolve_tree(tree if tree is not None else DEFAULT_TREE[self.dtype], topk), topk)
+
+    def _install_drafter(self, tree, template: CompiledTree, topk: int) -> None:
+        self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[self.dtype])
+        self.template = template
+        self.drafter = TokenRecyclingDrafter(self.runner.vocab_size, template, topk, self.hot_start)
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool | None = None) -> np.ndarray:

@@ -113,6 +113,6 @@ def tree_visibility(tree: DraftTree, start: int, window: int | None) -> np.ndarr
     visible[:, start:] = tree.ancestor_mask
     if window is not None:
         node_pos = start + tree.depths
-        key_pos = np.arange(start)
-        visible[:, :start] &= (node_pos[:, None] - key_pos[None, :]) < window
+        key_pos = np.concatenate([np.arange(start), node_pos])
+        visible &= (node_pos[:, None] - key_pos[None, :]) < window
     return visible

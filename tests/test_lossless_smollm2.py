@@ -1,0 +1,117 @@
+"""Exactness on the real default model, float32: every template equals model.generate token for token."""
+
+import pytest
+
+from tokenrecycle import TEMPLATES
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    # chat
+    "Explain in three sentences why the sky is blue.",
+    "What are three tips for staying focused while studying?",
+    "Write a short, friendly email declining a meeting invitation.",
+    "Describe the water cycle to a ten-year-old.",
+    "What is the difference between weather and climate?",
+    "Give me a recipe idea for a quick vegetarian dinner.",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "Why do cats purr?",
+    # code
+    "Write a Python function that reverses a string.",
+    "Write a Python function to check whether a number is prime.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",
+    "Write a SQL query that counts the orders per customer.",
+    "Explain what this code does: for i in range(10): print(i * i)",
+    "Write a JavaScript function that sums an array of numbers.",
+    # repetitive text
+    "Repeat the following line five times: the quick brown fox jumps over the lazy dog.",
+    "Count from one to twenty in words.",
+    "List the days of the week, then list them again in reverse order.",
+    "Write the alphabet in capital letters separated by commas.",
+    "a b c a b c a b c a b c a b c",
+    # arithmetic
+    "What is 17 + 25?",
+    "What is 12 times 12? Show your work.",
+    "If a train travels 60 miles per hour for 3 hours, how far does it go?",
+    "Compute 1000 - 357.",
+    # non-English
+    "Traduis en français : The weather is nice today.",
+    "¿Cuál es la capital de España?",
+    "Was ist die Hauptstadt von Deutschland?",
+    "日本の首都はどこですか？",
+    "Переведи на английский: Я люблю читать книги.",
+    # one word and odd inputs
+    "Hello",
+    "Why?",
+    "Python",
+    "!!!",
+]
+
+MAX_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def baselines(smollm2):
+    return {p: smollm2.generate_plain(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_every_template_matches_plain_greedy(smollm2, baselines, template):
+    smollm2.set_tree(template)
+    mismatches = []
+    accepted = []
+    for prompt in PROMPTS:
+        result = smollm2.generate(prompt, max_new_tokens=MAX_NEW)
+        accepted.append(result.mean_accepted)
+        if result.token_ids != baselines[prompt]:
+            mismatches.append(prompt)
+    assert not mismatches, f"{template}: outputs differ from model.generate on {mismatches}"
+    if template != "none":
+        assert max(accepted) > 1.5  # drafts really were accepted, not just verified
+
+
+def test_long_generation_with_the_default_tree(smollm2):
+    smollm2.set_tree(None)
+    for prompt in PROMPTS[:3] + PROMPTS[8:10]:
+        result = smollm2.generate(prompt, max_new_tokens=128)
+        assert result.token_ids == smollm2.generate_plain(prompt, max_new_tokens=128).token_ids
+
+
+def test_one_new_token(smollm2):
+    smollm2.set_tree("tr80")
+    result = smollm2.generate(PROMPTS[0], max_new_tokens=1)
+    assert result.new_tokens == 1 and result.steps == 1
+    assert result.token_ids == smollm2.generate_plain(PROMPTS[0], max_new_tokens=1).token_ids
+
+
+def test_eos_accepted_inside_a_draft_path(smollm2):
+    smollm2.set_tree("tr16")
+    prompt = "Answer with one word: what color is grass?"
+    smollm2.generate(prompt, max_new_tokens=16)  # warm the table on this answer
+    result = smollm2.generate(prompt, max_new_tokens=16)
+    assert result.stop_reason == "eos"
+    assert result.token_ids == smollm2.generate_plain(prompt, max_new_tokens=16).token_ids
+    assert result.accepted_lengths[-1] > 1  # EOS came as a drafted token, not only as a bonus
+
+
+def test_stop_string_spanning_two_tokens(smollm2):
+    smollm2.set_tree(None)
+    prompt = PROMPTS[0]
+    full = smollm2.generate_plain(prompt, max_new_tokens=64)
+    pieces = [smollm2.tokenizer.decode([t]) for t in full.token_ids]
+    # a stop string made of the end of one token and the start of the next
+    i = next(i for i in range(3, len(pieces)) if len(pieces[i - 1]) >= 3 and len(pieces[i].strip()) >= 2)
+    stop = pieces[i - 1][-2:] + pieces[i][:2]
+    assert stop not in "".join(pieces[:i])
+    result = smollm2.generate(prompt, max_new_tokens=64, stop=[stop])
+    assert result.stop_reason == "stop"
+    assert result.token_ids == full.token_ids[: i + 1]
+    assert result.text == smollm2.tokenizer.decode(full.token_ids[: i + 1]).split(stop)[0]
+    assert stop not in result.text
+
+
+def test_streamed_pieces_join_to_the_result_text(smollm2):
+    smollm2.set_tree(None)
+    generation = smollm2.stream(PROMPTS[8], max_new_tokens=48)
+    pieces = list(generation)
+    assert "".join(pieces) == generation.result.text and len(pieces) > 1
