@@ -14,7 +14,7 @@ V = 16
 
 
 def run(runner, drafter, prompt, max_new):
-    return [list(step) for step in speculative_greedy(runner, drafter, as_array(prompt), max_new)]
+    return [step.tokens for step in speculative_greedy(runner, drafter, as_array(prompt), max_new)]
 
 
 def make(template="tr16", model=None, max_context=512):
@@ -68,8 +68,8 @@ def test_eos_inside_an_accepted_path_ends_the_output_there():
     assembler = OutputAssembler(tokenizer, eos_ids={eos}, stop_strings=[], max_new_tokens=30)
     step_sizes = []
     for step in steps:
-        step_sizes.append(len(step))
-        assembler.add(step)
+        step_sizes.append(len(step.tokens))
+        assembler.add(step.tokens)
         if assembler.done:
             break
     assert assembler.tokens == sequential_greedy(runner.next_token, [5, 1], 30, eos=eos) == [2, 3, 4]

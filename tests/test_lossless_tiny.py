@@ -113,7 +113,7 @@ def arch(request, one_thread):
 
 def run(runner, drafter, prompt, max_new_tokens):
     """All yields of one speculative generation, each checked to be a non-empty list of ints."""
-    steps = list(speculative_greedy(runner, drafter, np.asarray(prompt, dtype=np.int64), max_new_tokens))
+    steps = [s.tokens for s in speculative_greedy(runner, drafter, np.asarray(prompt, dtype=np.int64), max_new_tokens)]
     for step in steps:
         assert isinstance(step, list) and step and all(isinstance(t, int) for t in step)
     assert len(steps[0]) == 1  # the prefill decides one token

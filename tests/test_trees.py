@@ -5,7 +5,7 @@ import pytest
 
 from tokenrecycle.errors import InvalidTemplateError
 from tokenrecycle.templates import TEMPLATES
-from tokenrecycle.trees import compile_template, grow_template, limit_depth, prune, validate_template
+from tokenrecycle.trees import best_template, compile_template, grow_template, limit_depth, prune, validate_template
 
 #        root(0)
 #       /       \
@@ -85,6 +85,8 @@ def test_prune_drops_descendants_and_reindexes_parents():
     assert draft.parents.tolist() == [-1, 0, 0, 1]
     assert draft.depths.tolist() == [0, 1, 1, 2]
     assert draft.path_to(3).tolist() == [0, 1, 3]
+    assert draft.source.tolist() == [0, 1, 2, 4]  # template index of each kept node
+    assert prune(draft, draft.tokens, np.array([True, False, True, True])).source.tolist() == [0, 2]
 
 
 def test_limit_depth():
@@ -99,3 +101,12 @@ def test_grow_template_keeps_most_likely_children_per_depth():
     paths = grow_template([0.5, 0.3, 0.2], nodes_per_depth=[2, 2, 1])
     assert paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
     compile_template(paths, topk=3)  # prefix-closed by construction
+
+
+def test_best_template_prefers_deep_chains_when_children_are_likely():
+    rates = {(0,): 0.6, (1,): 0.2, (0, 0): 0.8, (0, 1): 0.1, (0, 0, 0): 0.9, (1, 0): 0.9}
+    # chances: (0)=.6 (0,0)=.48 (0,0,0)=.432 (1)=.2 (1,0)=.18 (0,1)=.06
+    assert best_template(rates, 3) == [(0,), (0, 0), (0, 0, 0)]
+    assert best_template(rates, 5) == [(0,), (0, 0), (0, 0, 0), (1,), (1, 0)]
+    assert best_template(rates, 99) == [(0,), (0, 0), (0, 0, 0), (1,), (1, 0), (0, 1)]
+    compile_template(best_template(rates, 4), topk=2)

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from .drafters import Drafter
 from .runners import ModelRunner
-from .trees import limit_depth
+from .trees import DraftTree, limit_depth
 from .verify import verify_greedy
+
+
+@dataclass
+class Step:
+    """What one forward pass decided: its tokens, and the tree and path behind them (None for the prefill)."""
+
+    tokens: list[int]
+    tree: DraftTree | None = None
+    accepted: np.ndarray | None = None
 
 
 def speculative_greedy(
     runner: ModelRunner, drafter: Drafter, prompt_ids: np.ndarray, max_new_tokens: int
-) -> Iterator[list[int]]:
+) -> Iterator[Step]:
     """Yield the tokens decided at each forward pass, exactly those plain greedy decoding gives.
 
     The first yield (one token) comes from the prefill; each later one holds the accepted draft
@@ -24,7 +34,7 @@ def speculative_greedy(
     logits = runner.prefill(prompt_ids)
     drafter.start(prompt_ids, logits)
     token = int(logits[-1].argmax())
-    yield [token]
+    yield Step([token])
     produced = 1
     while produced < max_new_tokens:
         depth_room = min(max_new_tokens - produced, runner.max_context - runner.cache_length) - 1
@@ -33,6 +43,6 @@ def speculative_greedy(
         accepted, token = verify_greedy(tree, logits)
         drafter.observe(tree, logits, accepted)
         runner.commit(accepted)
-        step_tokens = tree.tokens[accepted[1:]].tolist() + [token]
-        produced += len(step_tokens)
-        yield step_tokens
+        step = Step(tree.tokens[accepted[1:]].tolist() + [token], tree, accepted)
+        produced += len(step.tokens)
+        yield step

@@ -175,9 +175,9 @@ class Generator:
         assembler = self._assembler(max_new_tokens, stop)
         accepted: list[int] = []
         start = time.perf_counter()
-        for step_tokens in steps:
+        for step in steps:
             before = len(assembler.tokens)
-            piece = assembler.add(step_tokens)
+            piece = assembler.add(step.tokens)
             accepted.append(len(assembler.tokens) - before)
             if piece:
                 yield piece

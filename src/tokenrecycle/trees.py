@@ -60,6 +60,7 @@ class DraftTree:
     parents: np.ndarray  # (n,) int64; parents[0] == -1
     depths: np.ndarray  # (n,) int64
     ancestor_mask: np.ndarray  # (n, n) bool
+    source: np.ndarray  # (n,) int64: each node's index in the template it was grown from
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -138,7 +139,12 @@ def prune(tree: CompiledTree | DraftTree, tokens: np.ndarray, keep: np.ndarray) 
         parents=parents,
         depths=tree.depths[kept],
         ancestor_mask=tree.ancestor_mask[np.ix_(kept, kept)],
+        source=_source_of(tree)[kept],
     )
+
+
+def _source_of(tree: CompiledTree | DraftTree) -> np.ndarray:
+    return tree.source if isinstance(tree, DraftTree) else np.arange(len(tree.paths))
 
 
 def first_of_each_sibling_token(parents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -173,6 +179,27 @@ def grow_template(rank_accept: Sequence[float], nodes_per_depth: Sequence[int]) 
         chosen = [(-neg, path) for neg, path in best]
         template.extend(path for _, path in chosen)
     return template
+
+
+def best_template(accept_rate: dict[RankPath, float], num_nodes: int) -> list[RankPath]:
+    """The num_nodes paths with the highest chance of being accepted (pure).
+
+    accept_rate[path] is how often the node at `path` was accepted when its parent was; a path's
+    chance is the product of the rates along it, so expanding best-first from the root keeps the
+    result prefix-closed. Paths with no rate are never chosen.
+    """
+    children: dict[RankPath, list[RankPath]] = {}
+    for path in accept_rate:
+        children.setdefault(path[:-1], []).append(path)
+    frontier = [(-accept_rate[path], path) for path in children.get((), [])]
+    heapq.heapify(frontier)
+    chosen: list[RankPath] = []
+    while frontier and len(chosen) < num_nodes:
+        neg_value, path = heapq.heappop(frontier)
+        chosen.append(path)
+        for child in children.get(path, []):
+            heapq.heappush(frontier, (neg_value * accept_rate[child], child))
+    return chosen
 
 
 def _level_bounds(depths: np.ndarray) -> tuple[tuple[int, int], ...]:

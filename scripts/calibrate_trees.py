@@ -1,0 +1,82 @@
+"""Measure how often each tree node is accepted, then print the best templates of each size.
+
+    python scripts/calibrate_trees.py --dtype bfloat16 --sizes 4 8 16 32 48 80
+
+Runs a wide, deep calibration tree on the prompts shipped in tokenrecycle/data (not the
+benchmark's), counts for every rank path how often its node was accepted when its parent was,
+and grows the best tree of each size from those rates (`trees.best_template`). This is how the
+named templates in templates.py were made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from importlib import resources
+
+import numpy as np
+
+from tokenrecycle import Generator
+from tokenrecycle.decoding import speculative_greedy
+from tokenrecycle.trees import best_template
+
+
+def calibration_tree(max_depth: int = 8, rank_budget: int = 2, topk: int = 8) -> list[tuple[int, ...]]:
+    """Every path whose ranks sum to at most rank_budget, plus every rank at depth 1 and 2."""
+    paths = {(r,) for r in range(topk)} | {(r, 0) for r in range(topk)}
+    frontier = [()]
+    for _ in range(max_depth):
+        frontier = [p + (r,) for p in frontier for r in range(rank_budget + 1) if sum(p) + r <= rank_budget]
+        paths.update(frontier)
+    return sorted(paths, key=lambda p: (len(p), p))
+
+
+def calibration_prompts() -> list[str]:
+    text = (resources.files("tokenrecycle") / "data" / "calibration_prompts.jsonl").read_text()
+    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+
+
+def count_acceptance(generator: Generator, prompts: list[str], max_new: int) -> tuple[Counter, Counter]:
+    paths = generator.template.paths
+    visits, hits = Counter(), Counter()
+    for prompt in prompts:
+        ids = generator.encode(prompt)
+        for step in speculative_greedy(generator.runner, generator.drafter, ids, max_new):
+            if step.tree is None:
+                continue
+            on_path = np.zeros(len(step.tree), dtype=bool)
+            on_path[step.accepted] = True
+            for node in range(1, len(step.tree)):
+                if on_path[step.tree.parents[node]]:
+                    path = paths[step.tree.source[node]]
+                    visits[path] += 1
+                    hits[path] += bool(on_path[node])
+    return visits, hits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32, 48, 80])
+    parser.add_argument("--min-visits", type=int, default=20, help="rates from fewer visits are not trusted")
+    args = parser.parse_args()
+    generator = Generator(dtype=args.dtype, tree=calibration_tree())
+    prompts = calibration_prompts()
+    count_acceptance(generator, prompts[:4], 32)  # warm the table first: rates of a hot table
+    visits, hits = count_acceptance(generator, prompts, args.max_new_tokens)
+    rates = {p: hits[p] / visits[p] for p in visits if visits[p] >= args.min_visits}
+    for path in sorted(rates, key=lambda p: (len(p), p))[:40]:
+        print(f"# {list(path)}: {rates[path]:.3f} ({visits[path]} visits)")
+    for size in args.sizes:
+        template = best_template(rates, size)
+        depths = Counter(len(p) for p in template)
+        expected = sum(np.prod([rates[p[:i]] for i in range(1, len(p) + 1)]) for p in template)
+        print(f"\n# {size} nodes, per depth {'/'.join(str(depths[d]) for d in sorted(depths))}, "
+              f"expected accepted drafts per step {expected:.2f}")
+        print(json.dumps([list(p) for p in template]))
+
+
+if __name__ == "__main__":
+    main()

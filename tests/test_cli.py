@@ -1,0 +1,151 @@
+"""The command line and the API refuse bad input with one line and a typed error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenrecycle import (
+    EmptyPromptError,
+    Generator,
+    InvalidOptionError,
+    InvalidTemplateError,
+    ModelNotFoundError,
+    PromptTooLongError,
+    UnsupportedModelError,
+)
+from tokenrecycle.cli import main
+from tokenrecycle.models import resolve
+
+
+def run_cli(capsys, *args):
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, text):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenrecycle: error:") and text in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["   "], "prompt is empty"),
+        (["hi", "--max-new-tokens", "0"], "at least 1"),
+        (["hi", "--model", "/no/such/model"], "no model at"),
+        (["hi", "--tree", "bogus"], "unknown tree"),
+        (["hi", "--topk", "0"], "topk"),
+        (["hi", "--tree", "tr80", "--topk", "x"], "invalid int"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_before_loading(capsys, args, text):
+    code, out, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, text)
+    assert out == ""
+
+
+def test_bad_dtype_is_one_line_too():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "hi", "--dtype", "fp8"])
+    assert exit_info.value.code == 2
+
+
+def test_user_tree_file_is_validated(capsys, tmp_path):
+    bad = tmp_path / "tree.json"
+    bad.write_text("[[0], [0, 0, 0]]")
+    code, _, err = run_cli(capsys, "hi", "--tree", str(bad))
+    assert_one_line_error(code, err, "has no parent path [0, 0]")
+    bad.write_text("{not json")
+    code, _, err = run_cli(capsys, "hi", "--tree", str(bad))
+    assert_one_line_error(code, err, "cannot read tree file")
+
+
+def test_corrupt_and_truncated_gguf_leave_nothing_behind(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENRECYCLE_CACHE", str(tmp_path / "cache"))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"this is not a gguf file" * 100)
+    code, _, err = run_cli(capsys, "hi", "--model", str(garbage))
+    assert_one_line_error(code, err, "not a GGUF file")
+    truncated = tmp_path / "truncated.gguf"
+    with resolve("smollm2").open("rb") as source:
+        truncated.write_bytes(source.read(2_000_000))
+    code, _, err = run_cli(capsys, "hi", "--model", str(truncated))
+    assert_one_line_error(code, err, "cannot read GGUF")
+    leftovers = list((tmp_path / "cache" / "models").iterdir()) if (tmp_path / "cache" / "models").exists() else []
+    assert leftovers == []
+
+
+def test_unsupported_architecture_is_refused_at_load(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported"):
+        Generator(str(tmp_path / "gpt2"))
+    code, _, err = run_cli(capsys, "hi", "--model", str(tmp_path / "gpt2"))
+    assert_one_line_error(code, err, "not supported")
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="without config.json"):
+        Generator(str(tmp_path))
+
+
+def test_api_raises_typed_errors(smollm2):
+    with pytest.raises(EmptyPromptError):
+        smollm2.generate("")
+    with pytest.raises(InvalidOptionError):
+        smollm2.generate("hi", max_new_tokens=0)
+    with pytest.raises(PromptTooLongError, match="context window of 8192"):
+        smollm2.generate("word " * 9000)
+    with pytest.raises(PromptTooLongError):
+        smollm2.generate("hi", max_new_tokens=8190)
+    with pytest.raises(InvalidTemplateError):
+        smollm2.set_tree([[0], [5, 0]])
+    with pytest.raises(ModelNotFoundError):
+        Generator("/no/such/model")
+
+
+def test_prompt_too_long_on_the_cli(capsys):
+    code, _, err = run_cli(capsys, "word " * 9000)
+    assert_one_line_error(code, err, "exceeds the context window")
+
+
+def test_json_with_compare(capsys):
+    code, out, _ = run_cli(capsys, "--json", "--compare", "--max-new-tokens", "12", "Name a fruit.")
+    assert code == 0
+    report = json.loads(out)
+    for key in ("text", "new_tokens", "steps", "mean_accepted", "tokens_per_s",
+                "baseline_tokens_per_s", "speedup", "identical"):
+        assert key in report
+    assert report["identical"] is True
+    assert report["new_tokens"] <= 12
+    assert report["mean_accepted"] == pytest.approx(report["new_tokens"] / report["steps"])
+
+
+def test_streams_text_then_stats_and_saves_the_table(capsys, tmp_path):
+    table = tmp_path / "table.npz"
+    code, out, err = run_cli(capsys, "--max-new-tokens", "8", "--table", str(table), "--stop", "zzz", "Say hello.")
+    assert code == 0 and out.strip() and table.is_file()
+    assert "new tokens in" in err and "MAT" in err and "tokens/s" in err
+    code, _, _ = run_cli(capsys, "--max-new-tokens", "8", "--table", str(table), "Say hello.")
+    assert code == 0
+    table.write_bytes(b"broken")
+    code, _, err = run_cli(capsys, "--max-new-tokens", "8", "--table", str(table), "Say hello.")
+    assert_one_line_error(code, err, "cannot read table file")
+
+
+def test_console_script_entry_point():
+    env = dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenrecycle.cli", "generate", ""], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "tokenrecycle: error: the prompt is empty"
+    scripts = Path(sys.executable).parent / "tokenrecycle"
+    assert scripts.exists()
