@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a bad option already reported in one line
+        return int(exit_request.code or 0)
     try:
         return run_generate(args)
     except TokenRecycleError as exc:

@@ -84,7 +84,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
     path = resolve(spec)
     directory = gguf_to_safetensors(path) if path.is_file() else path
     model = _load_directory(directory, DTYPES[dtype])
-    check_supported(model)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=path)
 
@@ -92,9 +91,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
 def _load_directory(directory: Path, dtype: torch.dtype):
     hf_logging.disable_progress_bar()
     try:
-        AutoConfig.from_pretrained(directory, local_files_only=True)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:
         raise CorruptModelError(f"cannot read model config in {directory}: {_one_line(exc)}") from None
+    check_supported(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     except Exception as exc:
@@ -107,7 +107,7 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     target = cache_root() / "models" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / "config.json").is_file():
         return target
-    _check_gguf_magic(gguf)
+    _check_gguf(gguf)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
     try:
@@ -138,10 +138,17 @@ def _convert(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _check_gguf_magic(path: Path) -> None:
+def _check_gguf(path: Path) -> None:
+    """Fail fast, in one line, on a file that is not a whole GGUF (wrong magic, truncated)."""
+    from gguf import GGUFReader
+
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise CorruptModelError(f"{path} is not a GGUF file (bad magic bytes)")
+    try:
+        GGUFReader(path)
+    except Exception as exc:
+        raise CorruptModelError(f"cannot read GGUF {path}: {_one_line(exc)}") from None
 
 
 def _file_key(path: Path) -> str:

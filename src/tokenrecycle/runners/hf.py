@@ -22,8 +22,9 @@ MASK_STYLE = {
 }
 
 
-def check_supported(model: PreTrainedModel) -> None:
-    model_type = model.config.model_type
+def check_supported(config) -> None:
+    """Refuse, before any weights load, an architecture whose tree masks are not known to be right."""
+    model_type = config.model_type
     if model_type not in MASK_STYLE:
         supported = ", ".join(sorted(MASK_STYLE))
         raise UnsupportedModelError(
@@ -35,7 +36,7 @@ class HFRunner(ModelRunner):
     """Verifies trees with the model's own attention code; the cache grows by concatenation."""
 
     def __init__(self, model: PreTrainedModel):
-        check_supported(model)
+        check_supported(model.config)
         self.model = model
         config = model.config
         self.vocab_size = int(config.vocab_size)
