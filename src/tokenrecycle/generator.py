@@ -160,16 +160,7 @@ class Generator:
         seconds = time.perf_counter() - start
         assembler = self._assembler(max_new_tokens, stop)
         assembler.add(tokens)
-        return GenerationResult(
-            text=assembler.text,
-            token_ids=assembler.tokens,
-            prompt_tokens=len(prompt_ids),
-            new_tokens=len(assembler.tokens),
-            steps=len(assembler.tokens),
-            seconds=seconds,
-            stop_reason=assembler.stop_reason or "length",
-            accepted_lengths=[1] * len(assembler.tokens),
-        )
+        return _result(assembler, prompt_ids, seconds, [1] * len(assembler.tokens))
 
     def _assemble(self, steps, prompt_ids, max_new_tokens, stop) -> Iterator[str]:
         assembler = self._assembler(max_new_tokens, stop)
@@ -184,16 +175,7 @@ class Generator:
             if assembler.done:
                 break
         steps.close()
-        return GenerationResult(
-            text=assembler.text,
-            token_ids=assembler.tokens,
-            prompt_tokens=len(prompt_ids),
-            new_tokens=len(assembler.tokens),
-            steps=len(accepted),
-            seconds=time.perf_counter() - start,
-            stop_reason=assembler.stop_reason or "length",
-            accepted_lengths=accepted,
-        )
+        return _result(assembler, prompt_ids, time.perf_counter() - start, accepted)
 
     def _assembler(self, max_new_tokens: int, stop: Sequence[str]) -> OutputAssembler:
         if isinstance(stop, str):
@@ -209,6 +191,19 @@ class Generator:
 
     def reset_table(self) -> None:
         self.drafter.reset()
+
+
+def _result(assembler: OutputAssembler, prompt_ids, seconds: float, accepted: list[int]) -> GenerationResult:
+    return GenerationResult(
+        text=assembler.text,
+        token_ids=assembler.tokens,
+        prompt_tokens=len(prompt_ids),
+        new_tokens=len(assembler.tokens),
+        steps=len(accepted),
+        seconds=seconds,
+        stop_reason=assembler.stop_reason or "length",
+        accepted_lengths=accepted,
+    )
 
 
 def resolve_tree(tree: str | Sequence[Sequence[int]], topk: int) -> CompiledTree:
