@@ -35,7 +35,7 @@ def read_questions(path: Path, mt_bench_only: bool, limit: int | None) -> list[d
     return questions[:limit] if limit else questions
 
 
-def run_dtype(dtype: str, tree: str | None, questions: list[dict], max_new: int) -> list[dict]:
+def run_dtype(dtype: str, tree: str | None, questions: list[dict], max_new: int) -> tuple[list[dict], str]:
     generator = Generator("smollm2", dtype=dtype, tree=tree)
     for prompt in WARM_UP_PROMPTS:  # first calls pay one-off costs; the table warms on other text
         generator.generate_plain(prompt, max_new_tokens=16)

@@ -19,17 +19,7 @@ import numpy as np
 
 from tokenrecycle import Generator
 from tokenrecycle.decoding import speculative_greedy
-from tokenrecycle.trees import best_template
-
-
-def calibration_tree(max_depth: int = 8, rank_budget: int = 2, topk: int = 8) -> list[tuple[int, ...]]:
-    """Every path whose ranks sum to at most rank_budget, plus every rank at depth 1 and 2."""
-    paths = {(r,) for r in range(topk)} | {(r, 0) for r in range(topk)}
-    frontier = [()]
-    for _ in range(max_depth):
-        frontier = [p + (r,) for p in frontier for r in range(rank_budget + 1) if sum(p) + r <= rank_budget]
-        paths.update(frontier)
-    return sorted(paths, key=lambda p: (len(p), p))
+from tokenrecycle.trees import best_template, rank_budget_template
 
 
 def calibration_prompts() -> list[str]:
@@ -62,7 +52,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32, 48, 80])
     parser.add_argument("--min-visits", type=int, default=20, help="rates from fewer visits are not trusted")
     args = parser.parse_args()
-    generator = Generator(dtype=args.dtype, tree=calibration_tree())
+    generator = Generator(dtype=args.dtype, tree=rank_budget_template(8, 2, 8))
     prompts = calibration_prompts()
     count_acceptance(generator, prompts[:4], 32)  # warm the table first: rates of a hot table
     visits, hits = count_acceptance(generator, prompts, args.max_new_tokens)

@@ -121,7 +121,7 @@ def test_json_with_compare(capsys):
     assert code == 0
     report = json.loads(out)
     for key in ("text", "new_tokens", "steps", "mean_accepted", "tokens_per_s",
-                "baseline_tokens_per_s", "speedup", "identical"):
+                "baseline_tokens_per_s", "speedup", "identical", "drafter_bytes"):
         assert key in report
     assert report["identical"] is True
     assert report["new_tokens"] <= 12

@@ -8,7 +8,7 @@ from tokenrecycle.decoding import speculative_greedy
 from tokenrecycle.drafters import TokenRecyclingDrafter
 from tokenrecycle.templates import TEMPLATES
 from tokenrecycle.text import OutputAssembler
-from tokenrecycle.trees import compile_template
+from tokenrecycle.generator import resolve_tree
 
 V = 16
 
@@ -19,11 +19,12 @@ def run(runner, drafter, prompt, max_new):
 
 def make(template="tr16", model=None, max_context=512):
     runner = ScriptedRunner(model or cycle_model(), vocab_size=V, max_context=max_context)
-    drafter = TokenRecyclingDrafter(V, compile_template(TEMPLATES[template], 8), topk=8)
+    choice = resolve_tree(template, 8)
+    drafter = TokenRecyclingDrafter(V, choice.template, topk=8, budget=choice.budget)
     return runner, drafter
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("template", sorted(TEMPLATES) + ["dyn1", "dyn8", "dyn32"])
 @pytest.mark.parametrize("max_new", [1, 2, 7, 30])
 def test_equals_sequential_greedy_and_never_overshoots(template, max_new):
     runner, drafter = make(template)

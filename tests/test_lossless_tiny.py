@@ -10,62 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
 
 from tokenrecycle.decoding import speculative_greedy
 from tokenrecycle.drafters import TokenRecyclingDrafter
+from tokenrecycle.generator import resolve_tree
 from tokenrecycle.runners.hf import HFRunner
 from tokenrecycle.templates import TEMPLATES
-from tokenrecycle.trees import compile_template
+from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
 
-VOCAB = 256
 TOPK = 8
 N = 32
 
-_COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=VOCAB,
-    max_position_embeddings=512,
-    bos_token_id=None,
-    eos_token_id=None,  # generate must not stop early: both sides produce exactly N tokens
-    pad_token_id=None,
-)
-
-
-def _configs():
-    """Tiny configs; sliding windows of 7-8 tokens, well below the prompt + output length."""
-    return {
-        "llama": LlamaConfig(num_hidden_layers=2, **_COMMON),
-        "qwen2": Qwen2Config(
-            num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2, **_COMMON
-        ),
-        "qwen3": Qwen3Config(num_hidden_layers=2, **_COMMON),
-        "qwen3_sliding": Qwen3Config(
-            num_hidden_layers=3, use_sliding_window=True, sliding_window=7, max_window_layers=1, **_COMMON
-        ),
-        "mistral": MistralConfig(num_hidden_layers=2, sliding_window=8, **_COMMON),
-        "gemma3": Gemma3TextConfig(
-            num_hidden_layers=3,
-            sliding_window=7,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            query_pre_attn_scalar=16,
-            **_COMMON,
-        ),
-    }
-
-
-ARCHS = list(_configs())
+ARCHS = list(tiny_configs())
 
 PROMPTS = {
     "one_token": [17],
@@ -74,30 +30,10 @@ PROMPTS = {
 }
 
 
-def build(config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return model.eval()
-
-
-def trimmed(name: str, topk: int = TOPK):
-    """A shipped template cut to ranks < topk (prefix-closed: a kept path's parent is kept too)."""
-    return compile_template([p for p in TEMPLATES[name] if max(p) < topk], topk)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads thrash when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def arch(request, one_thread):
     """(name, model, {prompt name: greedy reference of N new tokens})."""
-    model = build(_configs()[request.param])
+    model = build(tiny_configs()[request.param])
     assert model.generation_config.eos_token_id is None
     refs = {}
     for name, prompt in PROMPTS.items():
@@ -135,12 +71,13 @@ def mean_per_tree_step(steps):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("template", list(TEMPLATES))
+@pytest.mark.parametrize("template", list(TEMPLATES) + ["dyn8", "dyn48"])
 def test_speculative_equals_generate(arch, template):
     name, model, refs = arch
-    compiled = trimmed(template)
+    choice = resolve_tree(template, TOPK)
+    compiled = choice.template
     runner = HFRunner(model)  # one runner and one drafter for every request below
-    drafter = TokenRecyclingDrafter(VOCAB, compiled, topk=TOPK, hot_start=True)
+    drafter = TokenRecyclingDrafter(VOCAB, compiled, topk=TOPK, hot_start=True, budget=choice.budget)
     for pass_ in ("cold", "hot"):
         for prompt_name, prompt in PROMPTS.items():
             steps = run(runner, drafter, prompt, N)
@@ -169,7 +106,7 @@ def test_hot_start_accepts_drafts(arch):
 def test_some_family_accepts_long_drafts():
     """Trees are accepted, not just rejected: somewhere mean tokens per pass is well above 1."""
     best = {}
-    for name, config in _configs().items():
+    for name, config in tiny_configs().items():
         model = build(config)
         runner = HFRunner(model)
         drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr80"), topk=TOPK)
@@ -238,18 +175,9 @@ def test_closing_early_then_reusing_runner(arch):
 # sliding windows no larger than the tree is deep (tr80: depth 6)
 
 
-@pytest.mark.parametrize("family,window", [("mistral", 2), ("gemma3", 3)])
+@pytest.mark.parametrize("family,window", [("mistral", 2), ("gemma3", 3), ("qwen2", 4)])
 def test_lossless_with_window_shallower_than_tree(family, window):
-    config = {
-        "mistral": lambda: MistralConfig(num_hidden_layers=2, sliding_window=window, **_COMMON),
-        "gemma3": lambda: Gemma3TextConfig(
-            num_hidden_layers=2,
-            sliding_window=window,
-            layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16,
-            **_COMMON,
-        ),
-    }[family]()
+    config = small_window_configs(window)[family]
     model = build(config)
     runner = HFRunner(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr80"), topk=TOPK)

@@ -109,3 +109,46 @@ def test_corrupt_or_foreign_tables_are_refused(tmp_path):
     np.savez(tmp_path / "range.npz", table=np.full((V, K), V + 5, dtype=np.int32))
     with pytest.raises(CorruptTableError, match="outside the vocabulary"):
         drafter().load(tmp_path / "range.npz")
+
+
+def logits_with_probs(*rows):
+    """Logits whose softmax puts the given probabilities on the given tokens (rest spread thin)."""
+    logits = torch.full((len(rows), V), -30.0)
+    for i, row in enumerate(rows):
+        for token, prob in row.items():
+            logits[i, token] = float(np.log(prob))
+    return logits
+
+
+def test_budget_keeps_the_most_probable_paths():
+    d = drafter(budget=2)
+    assert d.memory_bytes == V * K * 4 + V * K * 2  # token ids and float16 probabilities
+    # after 3: 4 (p=.9) or 5 (.1); after 4: 6 (.8) or 7 (.2)
+    d.start(np.array([3, 4]), logits_with_probs({4: 0.9, 5: 0.1}, {6: 0.8, 7: 0.2}))
+    tree = d.propose(3)
+    # path chances: 4 -> .9, 4-6 -> .72, 4-7 -> .18, 5 -> .1
+    assert tree.tokens.tolist() == [3, 4, 6]
+    assert tree.depths.tolist() == [0, 1, 2]
+
+
+def test_budget_goes_wide_when_the_model_was_unsure():
+    d = drafter(budget=2)
+    d.start(np.array([3, 4]), logits_with_probs({4: 0.5, 5: 0.45}, {6: 0.5, 7: 0.4}))
+    # path chances: 4 -> .5, 5 -> .45, 4-6 -> .25
+    assert sorted(d.propose(3).tokens.tolist()) == [3, 4, 5]
+
+
+def test_budget_larger_than_the_tree_keeps_every_valid_node():
+    d = drafter(budget=99)
+    d.start(np.array([3, 4]), logits_with_probs({4: 0.9, 5: 0.1}, {6: 0.8, 7: 0.2}))
+    assert d.propose(3).tokens.tolist() == [3, 4, 5, 6, 7]
+
+
+def test_probabilities_survive_save_and_load(tmp_path):
+    d = drafter(budget=2)
+    d.start(np.array([3, 4]), logits_with_probs({4: 0.9, 5: 0.1}, {6: 0.8, 7: 0.2}))
+    d.save(tmp_path / "t.npz")
+    e = drafter(budget=2)
+    e.load(tmp_path / "t.npz")
+    np.testing.assert_array_equal(d.probs, e.probs)
+    assert e.propose(3).tokens.tolist() == [3, 4, 6]

@@ -11,88 +11,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import GPT2Config, OPTConfig
 
 from tokenrecycle.errors import UnsupportedModelError
 from tokenrecycle.runners.hf import MASK_STYLE, HFRunner, tree_visibility
 from tokenrecycle.templates import TEMPLATES
 from tokenrecycle.trees import compile_template, prune
+from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
 
 ATOL = 1e-4
-VOCAB = 256
 
-_COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=VOCAB,
-    max_position_embeddings=512,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
-
-
-def _configs():
-    """Tiny configs; windows of 7-8 tokens, all larger than the deepest template (depth 6)."""
-    return {
-        "llama": LlamaConfig(num_hidden_layers=2, **_COMMON),
-        # layers >= max_window_layers slide: full, full, sliding, sliding
-        "qwen2": Qwen2Config(
-            num_hidden_layers=4, use_sliding_window=True, sliding_window=8, max_window_layers=2, **_COMMON
-        ),
-        "qwen3": Qwen3Config(num_hidden_layers=2, **_COMMON),
-        "qwen3_sliding": Qwen3Config(
-            num_hidden_layers=3, use_sliding_window=True, sliding_window=7, max_window_layers=1, **_COMMON
-        ),
-        "mistral": MistralConfig(num_hidden_layers=2, sliding_window=8, **_COMMON),
-        "gemma3": Gemma3TextConfig(
-            num_hidden_layers=3,
-            sliding_window=7,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-            query_pre_attn_scalar=16,
-            **_COMMON,
-        ),
-    }
-
-
-ARCHS = list(_configs())
-
-
-def build(config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads thrash when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+ARCHS = list(tiny_configs())
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request):
-    return build(_configs()[request.param])
+    return build(tiny_configs()[request.param])
 
 
 def test_configs_exercise_sliding_windows():
     """Guard the fixtures themselves: the sliding families really mix window and full layers."""
-    configs = _configs()
+    configs = tiny_configs()
     for name, config in configs.items():
         assert config.model_type in MASK_STYLE, name
     assert configs["qwen2"].layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
@@ -104,11 +43,6 @@ def test_configs_exercise_sliding_windows():
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def trimmed(name: str, topk: int):
-    """A shipped template cut to ranks < topk (prefix-closed: a kept path's parent is kept too)."""
-    return compile_template([p for p in TEMPLATES[name] if max(p) < topk], topk)
 
 
 def random_tree(compiled, rng):
@@ -300,26 +234,10 @@ def test_tree_visibility_window_on_prefix():
     assert windowed[:, start:].tolist() == tree.ancestor_mask.tolist()  # depth 2 < window 3
 
 
-def _small_window_configs(window):
-    return {
-        "mistral": MistralConfig(num_hidden_layers=2, sliding_window=window, **_COMMON),
-        "qwen2": Qwen2Config(
-            num_hidden_layers=2, use_sliding_window=True, sliding_window=window, max_window_layers=1, **_COMMON
-        ),
-        "gemma3": Gemma3TextConfig(
-            num_hidden_layers=2,
-            sliding_window=window,
-            layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16,
-            **_COMMON,
-        ),
-    }
-
-
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
 def test_tree_shallower_than_window_edge(family):
     """Window 7 = tree depth 6 + 1: the deepest node still sees the root, nothing more is cut."""
-    model = build(_small_window_configs(7)[family])
+    model = build(small_window_configs(7)[family])
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, VOCAB, size=15)
     runner = HFRunner(model)
@@ -332,7 +250,7 @@ def test_tree_shallower_than_window_edge(family):
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
 def test_tree_deeper_than_window_matches_plain_forward(family, window):
     """Sliding window no larger than the tree depth (tr80 has depth 6)."""
-    model = build(_small_window_configs(window)[family])
+    model = build(small_window_configs(window)[family])
     rng = np.random.default_rng(window)
     prompt = rng.integers(0, VOCAB, size=15)
     runner = HFRunner(model)

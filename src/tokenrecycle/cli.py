@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled name (smollm2, gemma3-270m), .gguf file or model directory")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    gen.add_argument("--tree", default=None, help=f"named tree ({', '.join(TEMPLATES)}) or JSON file of rank paths; default by dtype")
+    gen.add_argument("--tree", default=None, help=f"named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or JSON file of rank paths; default by dtype")
     gen.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
@@ -76,7 +76,13 @@ def run_generate(args: argparse.Namespace) -> int:
     result = generation.result
     if args.table:
         generator.save_table(args.table)
-    report = {"model": args.model, "dtype": args.dtype, "tree": generator.tree_name, **result.to_dict()}
+    report = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "tree": generator.tree_name,
+        "drafter_bytes": generator.drafter.memory_bytes,
+        **result.to_dict(),
+    }
     if not args.json:
         print(f"\n\n[tokenrecycle] {result.stats_line()} · tree {generator.tree_name}", file=sys.stderr)
     if args.compare:

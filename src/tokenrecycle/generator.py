@@ -19,11 +19,11 @@ from .models import DEFAULT_MODEL, load_model
 from .runners import HFRunner
 from .templates import TEMPLATES
 from .text import OutputAssembler
-from .trees import CompiledTree, compile_template
+from .trees import CompiledTree, compile_template, rank_budget_template
 
 # Verification is nearly free for many tokens only where matrix units are fast (bf16 here);
 # in float32 every extra tree token costs, so the default tree is smaller there.
-DEFAULT_TREE = {"float32": "tr8", "bfloat16": "tr16"}
+DEFAULT_TREE = {"float32": "tr4", "bfloat16": "tr8"}
 
 
 @dataclass
@@ -89,7 +89,7 @@ class Generator:
         if dtype not in DEFAULT_TREE:
             raise InvalidOptionError(f"dtype must be one of {', '.join(DEFAULT_TREE)}, got '{dtype}'")
         # Options are checked before the model is loaded, so a typo fails in milliseconds.
-        template = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
+        choice = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -97,16 +97,18 @@ class Generator:
         self.runner = HFRunner(self.model)
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.hot_start = hot_start
-        self._install_drafter(tree, template, topk)
+        self._install_drafter(tree, choice, topk)
 
     def set_tree(self, tree: str | Sequence[Sequence[int]] | None, topk: int = 8) -> None:
         """Switch to another tree (named, file or paths); the recycling table starts empty."""
         self._install_drafter(tree, resolve_tree(tree if tree is not None else DEFAULT_TREE[self.dtype], topk), topk)
 
-    def _install_drafter(self, tree, template: CompiledTree, topk: int) -> None:
+    def _install_drafter(self, tree, choice: TreeChoice, topk: int) -> None:
         self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[self.dtype])
-        self.template = template
-        self.drafter = TokenRecyclingDrafter(self.runner.vocab_size, template, topk, self.hot_start)
+        self.template = choice.template
+        self.drafter = TokenRecyclingDrafter(
+            self.runner.vocab_size, choice.template, topk, self.hot_start, budget=choice.budget
+        )
 
     # ---- prompts -------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool | None = None) -> np.ndarray:
@@ -206,22 +208,40 @@ def _result(assembler: OutputAssembler, prompt_ids, seconds: float, accepted: li
     )
 
 
-def resolve_tree(tree: str | Sequence[Sequence[int]], topk: int) -> CompiledTree:
-    """A named template (trimmed to ranks below topk), a JSON file of rank paths, or the paths."""
+@dataclass(frozen=True)
+class TreeChoice:
+    template: CompiledTree
+    budget: int | None = None  # dynamic tree: verify only this many of the template's nodes
+
+
+DYNAMIC_PREFIX = "dyn"
+
+
+def resolve_tree(tree: str | Sequence[Sequence[int]], topk: int) -> TreeChoice:
+    """A named template (trimmed to ranks below topk), `dynN` (the N most probable nodes of a wide,
+    deep template, chosen afresh each step), a JSON file of rank paths, or the paths themselves."""
     if isinstance(tree, str):
         if tree in TEMPLATES:
-            return compile_template([p for p in TEMPLATES[tree] if max(p) < topk], topk)
+            return TreeChoice(compile_template([p for p in TEMPLATES[tree] if max(p) < topk], topk))
+        if tree.startswith(DYNAMIC_PREFIX) and tree[len(DYNAMIC_PREFIX) :].isdigit():
+            budget = int(tree[len(DYNAMIC_PREFIX) :])
+            if budget < 1:
+                raise InvalidTemplateError(f"dynamic tree '{tree}' needs a node budget of at least 1")
+            return TreeChoice(compile_template(rank_budget_template(8, 2, topk), topk), budget)
         path = Path(tree)
         if not path.is_file():
             names = ", ".join(TEMPLATES)
-            raise InvalidTemplateError(f"unknown tree '{tree}' (named trees: {names}; or a JSON file of rank paths)")
+            raise InvalidTemplateError(
+                f"unknown tree '{tree}' (named trees: {names}; dynN for a dynamic tree of N nodes; "
+                "or a JSON file of rank paths)"
+            )
         try:
             tree = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InvalidTemplateError(f"cannot read tree file {path}: {exc}") from None
         if not isinstance(tree, list):
             raise InvalidTemplateError(f"tree file {path} must hold a JSON list of rank paths")
-    return compile_template(tree, topk)
+    return TreeChoice(compile_template(tree, topk))
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

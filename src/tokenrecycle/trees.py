@@ -181,6 +181,17 @@ def grow_template(rank_accept: Sequence[float], nodes_per_depth: Sequence[int]) 
     return template
 
 
+def rank_budget_template(max_depth: int, rank_budget: int, topk: int) -> list[RankPath]:
+    """Every path of up to max_depth whose ranks sum to at most rank_budget, plus every rank at
+    depths 1 and 2 (after rank 0): a wide, deep superset to choose dynamic trees from."""
+    paths = {(r,) for r in range(topk)} | {(r, 0) for r in range(topk)}
+    frontier: list[RankPath] = [()]
+    for _ in range(max_depth):
+        frontier = [p + (r,) for p in frontier for r in range(min(rank_budget, topk - 1) + 1) if sum(p) + r <= rank_budget]
+        paths.update(frontier)
+    return sorted(paths, key=lambda p: (len(p), p))
+
+
 def best_template(accept_rate: dict[RankPath, float], num_nodes: int) -> list[RankPath]:
     """The num_nodes paths with the highest chance of being accepted (pure).
 

@@ -3,6 +3,10 @@
 A V x k table holds, for each token t, the k tokens the model ranked highest the last time it
 processed t. Drafting grows a template level by level with one gather per depth; every verified
 node, rejected ones included, rewrites its token's row.
+
+With a node budget the table also keeps each candidate's probability (float16), the template is
+grown in full and only the `budget` nodes with the most probable root-to-node paths are verified:
+a dynamic tree that goes deep where the model was confident and wide where it was not.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ UNWRITTEN = -1  # a row never written drafts nothing
 
 
 class TokenRecyclingDrafter(Drafter):
-    def __init__(self, vocab_size: int, template: CompiledTree, topk: int = 8, hot_start: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        template: CompiledTree,
+        topk: int = 8,
+        hot_start: bool = True,
+        budget: int | None = None,
+    ):
         if topk < 1:
             raise InvalidOptionError(f"topk must be at least 1, got {topk}")
         if template.num_nodes and int(template.ranks.max()) >= topk:
@@ -31,14 +42,20 @@ class TokenRecyclingDrafter(Drafter):
         self.topk = topk
         self.template = template
         self.hot_start = hot_start
+        if budget is not None and budget < 1:
+            raise InvalidOptionError(f"the node budget must be at least 1, got {budget}")
+        self.budget = budget
         self.table = np.full((vocab_size, topk), UNWRITTEN, dtype=np.int32)
+        self.probs = np.zeros((vocab_size, topk), dtype=np.float16) if budget else None
 
     @property
     def memory_bytes(self) -> int:
-        return int(self.table.nbytes)
+        return int(self.table.nbytes) + (int(self.probs.nbytes) if self.probs is not None else 0)
 
     def reset(self) -> None:
         self.table.fill(UNWRITTEN)
+        if self.probs is not None:
+            self.probs.fill(0)
 
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
         if not self.hot_start:
@@ -54,19 +71,48 @@ class TokenRecyclingDrafter(Drafter):
             rows = self.table[np.maximum(parent_tokens, 0), template.ranks[start:end]]
             tokens[start:end] = np.where(parent_tokens >= 0, rows, UNWRITTEN)
         keep = (tokens >= 0) & first_of_each_sibling_token(template.parents, np.maximum(tokens, 0))
+        if self.budget is not None:
+            keep &= self._most_probable(tokens, keep)
         return prune(template, tokens, keep)
 
+    def _most_probable(self, tokens: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Mask of the root and the `budget` valid nodes whose paths are most probable."""
+        template = self.template
+        path_prob = np.zeros(len(tokens), dtype=np.float32)
+        path_prob[0] = 1.0
+        for start, end in template.level_bounds:
+            parents = template.parents[start:end]
+            step = self.probs[np.maximum(tokens[parents], 0), template.ranks[start:end]]
+            path_prob[start:end] = np.where(valid[start:end], path_prob[parents] * step, 0.0)
+        # Best first; at equal probability the shallower node first, so a parent precedes its child.
+        order = np.lexsort((template.depths[1:], -path_prob[1:])) + 1
+        keep = np.zeros(len(tokens), dtype=bool)
+        keep[0] = True
+        keep[order[: self.budget]] = True
+        return keep & (path_prob > 0)
+
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:
-        top = self._topk(logits)
-        self.table[tree.tokens] = top
+        rows, probs = self._candidates(logits)
+        self._store(tree.tokens, rows, probs)
         # A token can sit at several nodes; the row from its accepted context should win.
-        self.table[tree.tokens[accepted]] = top[accepted]
+        self._store(tree.tokens[accepted], rows[accepted], None if probs is None else probs[accepted])
 
     def _write(self, tokens: np.ndarray, logits: torch.Tensor) -> None:
-        self.table[tokens] = self._topk(logits)
+        self._store(tokens, *self._candidates(logits))
 
-    def _topk(self, logits: torch.Tensor) -> np.ndarray:
-        return torch.topk(logits, self.topk, dim=-1).indices.to(torch.int32).cpu().numpy()
+    def _candidates(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each row's top-k token ids and, when a budget needs them, their probabilities."""
+        top = torch.topk(logits, self.topk, dim=-1)
+        rows = top.indices.to(torch.int32).cpu().numpy()
+        if self.probs is None:
+            return rows, None
+        probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1, keepdim=True))
+        return rows, probs.to(torch.float16).cpu().numpy()
+
+    def _store(self, tokens: np.ndarray, rows: np.ndarray, probs: np.ndarray | None) -> None:
+        self.table[tokens] = rows
+        if probs is not None:
+            self.probs[tokens] = probs
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table atomically: a crash leaves the old file or none, never half of one."""
@@ -75,26 +121,31 @@ class TokenRecyclingDrafter(Drafter):
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, table=self.table, topk=self.topk, vocab_size=self.vocab_size)
+                extra = {"probs": self.probs} if self.probs is not None else {}
+                np.savez(f, table=self.table, topk=self.topk, vocab_size=self.vocab_size, **extra)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
 
     def load(self, path: str | os.PathLike) -> None:
-        table = read_table(path)
+        table, probs = read_table(path)
         if table.shape != self.table.shape:
             raise CorruptTableError(
                 f"table in {path} is {table.shape[0]} x {table.shape[1]}, "
                 f"this model needs {self.vocab_size} x {self.topk}"
             )
         self.table[...] = table
+        if self.probs is not None:
+            # A table saved without probabilities gives its rows a flat prior, best rank first.
+            self.probs[...] = probs if probs is not None else (table >= 0) / np.arange(2, self.topk + 2)
 
 
-def read_table(path: str | os.PathLike) -> np.ndarray:
+def read_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path, allow_pickle=False) as data:
             table = data["table"]
+            probs = data["probs"] if "probs" in data.files else None
     except FileNotFoundError:
         raise CorruptTableError(f"no table file at {path}") from None
     except Exception as exc:  # numpy raises many kinds for a damaged file
@@ -103,4 +154,6 @@ def read_table(path: str | os.PathLike) -> np.ndarray:
         raise CorruptTableError(f"table file {path} does not hold an int32 matrix")
     if table.size and (table.min() < UNWRITTEN or table.max() >= table.shape[0]):
         raise CorruptTableError(f"table file {path} holds token ids outside the vocabulary")
-    return table
+    if probs is not None and (probs.shape != table.shape or probs.dtype != np.float16):
+        raise CorruptTableError(f"table file {path} has probabilities that do not match its table")
+    return table, probs
