@@ -55,7 +55,7 @@ def baselines(smollm2):
     return {p: smollm2.generate_plain(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("template", sorted(TEMPLATES) + ["dyn16"])
 def test_every_template_matches_plain_greedy(smollm2, baselines, template):
     smollm2.set_tree(template)
     mismatches = []
