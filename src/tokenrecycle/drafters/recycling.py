@@ -137,7 +137,7 @@ class TokenRecyclingDrafter(Drafter):
             )
         self.table[...] = table
         if self.probs is not None:
-            # A table saved without probabilities gives its rows a flat prior, best rank first.
+            # A table saved without probabilities: rank r gets a prior of 1 / (r + 2).
             self.probs[...] = probs if probs is not None else (table >= 0) / np.arange(2, self.topk + 2)
 
 
