@@ -82,6 +82,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
     if dtype not in DTYPES:
         raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     path = resolve(spec)
+    hf_logging.disable_progress_bar()  # one line of our own says what is happening instead
     directory = gguf_to_safetensors(path) if path.is_file() else path
     model = _load_directory(directory, DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -89,7 +90,6 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
 
 
 def _load_directory(directory: Path, dtype: torch.dtype):
-    hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as exc:
