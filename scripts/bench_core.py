@@ -1,12 +1,12 @@
 """Token Recycling against plain greedy `model.generate`, interleaved per prompt, one process.
 
     python scripts/bench_core.py --questions ../shared/data/spec_bench/question.jsonl \
-        --category-prefix mt_bench --dtypes bfloat16 float32
+        --dtypes bfloat16 float32 --out out/bench_core.json
 
 Prints one markdown table per dtype: per category, the median tokens/s of each method, their
 ratio (the speedup), the mean accepted tokens per step (MAT) and the share of outputs identical to
-the baseline. Absolute times are context; the ratio is the result. (The full harness with peers,
-plots and reports is `tokenrecycle bench`.)
+the baseline. Absolute times are context; the ratio is the result. By default only MT-Bench's 80
+questions (first turns) run. (A full harness with peers, plots and reports is issue 3.)
 """
 
 from __future__ import annotations

@@ -107,6 +107,13 @@ def test_api_raises_typed_errors(smollm2):
         smollm2.generate("hi", max_new_tokens=8190)
     with pytest.raises(InvalidTemplateError):
         smollm2.set_tree([[0], [5, 0]])
+
+
+def test_tree_names(smollm2):
+    smollm2.set_tree([])
+    assert smollm2.tree_name == "custom" and smollm2.template.num_nodes == 0
+    smollm2.set_tree(None)
+    assert smollm2.tree_name == "tr4" and smollm2.template.num_nodes == 4  # the float32 default
     with pytest.raises(ModelNotFoundError):
         Generator("/no/such/model")
 

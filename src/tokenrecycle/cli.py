@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .errors import TokenRecycleError
+from .errors import InvalidOptionError, TokenRecycleError
 from .models import DEFAULT_MODEL, DTYPES
 from .templates import TEMPLATES
 
@@ -54,14 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .generator import Generator
+    from .generator import Generator  # imports torch and transformers: not needed for --help
 
     if not args.prompt.strip():
-        raise_bad("the prompt is empty")
+        raise InvalidOptionError("the prompt is empty")
     if args.max_new_tokens < 1:
-        raise_bad(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     generator = Generator(args.model, dtype=args.dtype, tree=args.tree, topk=args.topk)
     chat = False if args.no_chat else None
     generator.check_fits(generator.encode(args.prompt, chat), args.max_new_tokens)
@@ -108,12 +107,6 @@ def warm_up(generator, chat) -> None:
     """One short run of each method so neither pays first-call costs inside the timing."""
     generator.generate("Hello", max_new_tokens=4, chat=chat)
     generator.generate_plain("Hello", max_new_tokens=4, chat=chat)
-
-
-def raise_bad(message: str) -> None:
-    from .errors import InvalidOptionError
-
-    raise InvalidOptionError(message)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ class Generator:
         if dtype not in DEFAULT_TREE:
             raise InvalidOptionError(f"dtype must be one of {', '.join(DEFAULT_TREE)}, got '{dtype}'")
         # Options are checked before the model is loaded, so a typo fails in milliseconds.
-        choice = resolve_tree(tree if tree is not None else DEFAULT_TREE[dtype], topk)
+        tree = tree if tree is not None else DEFAULT_TREE[dtype]
+        choice = resolve_tree(tree, topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -100,11 +101,12 @@ class Generator:
         self._install_drafter(tree, choice, topk)
 
     def set_tree(self, tree: str | Sequence[Sequence[int]] | None, topk: int = 8) -> None:
-        """Switch to another tree (named, file or paths); the recycling table starts empty."""
-        self._install_drafter(tree, resolve_tree(tree if tree is not None else DEFAULT_TREE[self.dtype], topk), topk)
+        """Switch to another tree (named, file or paths; None for the dtype's default); the table starts empty."""
+        tree = tree if tree is not None else DEFAULT_TREE[self.dtype]
+        self._install_drafter(tree, resolve_tree(tree, topk), topk)
 
     def _install_drafter(self, tree, choice: TreeChoice, topk: int) -> None:
-        self.tree_name = tree if isinstance(tree, str) else ("custom" if tree else DEFAULT_TREE[self.dtype])
+        self.tree_name = tree if isinstance(tree, str) else "custom"
         self.template = choice.template
         self.drafter = TokenRecyclingDrafter(
             self.runner.vocab_size, choice.template, topk, self.hot_start, budget=choice.budget
