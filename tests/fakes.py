@@ -33,7 +33,7 @@ class ScriptedRunner(ModelRunner):
         logits[best] = 1.0
         return logits
 
-    def prefill(self, input_ids):
+    def prefill(self, input_ids, reserve=0):
         self.context = [int(t) for t in input_ids]
         return torch.stack([self._logits_for(self.context[: i + 1]) for i in range(len(self.context))])
 

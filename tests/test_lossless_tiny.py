@@ -1,6 +1,6 @@
 """Lossless end to end on tiny random models: speculative_greedy gives exactly model.generate's tokens.
 
-Every supported family, every shipped template (topk 8), a few prompts (one token, a repeated
+Both runners, every supported family, every shipped template (topk 8), a few prompts (one token, a repeated
 pattern, random ids), twice over on the same drafter so the second pass drafts from a hot table
 and trees are really accepted, not only rejected.
 """
@@ -14,7 +14,7 @@ import torch
 from tokenrecycle.decoding import speculative_greedy
 from tokenrecycle.drafters import TokenRecyclingDrafter
 from tokenrecycle.generator import resolve_tree
-from tokenrecycle.runners.hf import HFRunner
+from tokenrecycle.runners import FastRunner, HFRunner
 from tokenrecycle.templates import TEMPLATES
 from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
 
@@ -28,6 +28,11 @@ PROMPTS = {
     "repetitive": [3, 41, 97, 200, 5] * 5,
     "random": np.random.default_rng(0).integers(0, VOCAB, size=21).tolist(),
 }
+
+
+@pytest.fixture(params=[HFRunner, FastRunner], ids=["hf", "fast"])
+def runner_cls(request):
+    return request.param
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -72,11 +77,11 @@ def mean_per_tree_step(steps):
 
 
 @pytest.mark.parametrize("template", list(TEMPLATES) + ["dyn8", "dyn48"])
-def test_speculative_equals_generate(arch, template):
+def test_speculative_equals_generate(arch, template, runner_cls):
     name, model, refs = arch
     choice = resolve_tree(template, TOPK)
     compiled = choice.template
-    runner = HFRunner(model)  # one runner and one drafter for every request below
+    runner = runner_cls(model)  # one runner and one drafter for every request below
     drafter = TokenRecyclingDrafter(VOCAB, compiled, topk=TOPK, hot_start=True, budget=choice.budget)
     for pass_ in ("cold", "hot"):
         for prompt_name, prompt in PROMPTS.items():
@@ -88,10 +93,10 @@ def test_speculative_equals_generate(arch, template):
                 assert all(len(s) <= compiled.max_depth + 1 for s in steps)
 
 
-def test_hot_start_accepts_drafts(arch):
+def test_hot_start_accepts_drafts(arch, runner_cls):
     """On the second pass over the same prompts, a hot table drafts what the model says."""
     name, model, refs = arch
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr80"), topk=TOPK, hot_start=True)
     for prompt in PROMPTS.values():
         run(runner, drafter, prompt, N)
@@ -103,12 +108,12 @@ def test_hot_start_accepts_drafts(arch):
     assert min(hot.values()) > 1.0, f"{name}: some prompt had no draft accepted on a hot table: {hot}"
 
 
-def test_some_family_accepts_long_drafts():
+def test_some_family_accepts_long_drafts(runner_cls):
     """Trees are accepted, not just rejected: somewhere mean tokens per pass is well above 1."""
     best = {}
     for name, config in tiny_configs().items():
         model = build(config)
-        runner = HFRunner(model)
+        runner = runner_cls(model)
         drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr80"), topk=TOPK)
         prompt = PROMPTS["repetitive"]
         run(runner, drafter, prompt, N)
@@ -117,10 +122,10 @@ def test_some_family_accepts_long_drafts():
     assert sum(v > 1.0 for v in best.values()) >= 3, best
 
 
-def test_cold_table_without_hot_start(arch):
+def test_cold_table_without_hot_start(arch, runner_cls):
     """hot_start=False empties the table per request; output is still exactly greedy."""
     name, model, refs = arch
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr32"), topk=TOPK, hot_start=False)
     for _ in range(2):
         for prompt_name, prompt in PROMPTS.items():
@@ -131,9 +136,9 @@ def test_cold_table_without_hot_start(arch):
 # max_new_tokens is a hard limit, also when a hot table would accept deeper
 
 
-def test_max_new_tokens_one(arch):
+def test_max_new_tokens_one(arch, runner_cls):
     name, model, refs = arch
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr80"), topk=TOPK)
     for prompt_name, prompt in PROMPTS.items():
         run(runner, drafter, prompt, N)  # warm the table
@@ -142,10 +147,10 @@ def test_max_new_tokens_one(arch):
 
 
 @pytest.mark.parametrize("template", ["tr4", "tr80"])
-def test_short_budgets_are_exact(arch, template):
+def test_short_budgets_are_exact(arch, template, runner_cls):
     """Every budget 1..10 gives exactly that many tokens, the greedy prefix, on a hot table."""
     name, model, refs = arch
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed(template), topk=TOPK)
     filled_by_a_draft = 0  # runs whose last pass accepted drafts right up to the budget
     for prompt_name, prompt in PROMPTS.items():
@@ -159,10 +164,10 @@ def test_short_budgets_are_exact(arch, template):
     assert filled_by_a_draft > 0  # the depth cut near the budget was really exercised
 
 
-def test_closing_early_then_reusing_runner(arch):
+def test_closing_early_then_reusing_runner(arch, runner_cls):
     """A caller may stop after a few yields (EOS, stop string); the next request is unaffected."""
     name, model, refs = arch
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr48"), topk=TOPK)
     gen = speculative_greedy(runner, drafter, np.asarray(PROMPTS["repetitive"]), N)
     next(gen)
@@ -176,10 +181,10 @@ def test_closing_early_then_reusing_runner(arch):
 
 
 @pytest.mark.parametrize("family,window", [("mistral", 2), ("gemma3", 3), ("qwen2", 4)])
-def test_lossless_with_window_shallower_than_tree(family, window):
+def test_lossless_with_window_shallower_than_tree(family, window, runner_cls):
     config = small_window_configs(window)[family]
     model = build(config)
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr80"), topk=TOPK)
     mismatches = []
     for _ in range(2):

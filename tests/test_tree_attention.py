@@ -1,4 +1,4 @@
-"""HFRunner's tree attention against plain forward passes, on tiny random models of each family.
+"""Both runners' tree attention against plain forward passes, on tiny random models of each family.
 
 Every node of a tree must get the logits the model gives at the end of prompt + root-to-node path
 when run plainly (its own masks, no cache), and after `commit` the cache must behave exactly as if
@@ -14,7 +14,9 @@ import torch
 from transformers import GPT2Config, OPTConfig
 
 from tokenrecycle.errors import UnsupportedModelError
-from tokenrecycle.runners.hf import MASK_STYLE, HFRunner, tree_visibility
+from tokenrecycle.runners import FastRunner, HFRunner
+from tokenrecycle.runners.hf import MASK_STYLE
+from tokenrecycle.trees import tree_visibility
 from tokenrecycle.templates import TEMPLATES
 from tokenrecycle.trees import compile_template, prune
 from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
@@ -22,6 +24,11 @@ from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_con
 ATOL = 1e-4
 
 ARCHS = list(tiny_configs())
+
+
+@pytest.fixture(params=[HFRunner, FastRunner], ids=["hf", "fast"])
+def runner_cls(request):
+    return request.param
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -86,10 +93,10 @@ def assert_close(actual, expected, what):
 
 @pytest.mark.parametrize("template,topk", [("tr16", 8), ("tr80", 8), ("tr80", 3)])
 @pytest.mark.parametrize("prompt_len", [1, 5, 23])
-def test_tree_logits_match_plain_forward(model, template, topk, prompt_len):
+def test_tree_logits_match_plain_forward(model, runner_cls, template, topk, prompt_len):
     rng = np.random.default_rng(prompt_len * 100 + topk)
     prompt = rng.integers(0, VOCAB, size=prompt_len)
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     prefill_logits = runner.prefill(prompt)
     assert prefill_logits.shape == (prompt_len, VOCAB)
     assert prefill_logits.dtype == torch.float32
@@ -105,14 +112,14 @@ def test_tree_logits_match_plain_forward(model, template, topk, prompt_len):
     assert runner.cache_length == prompt_len
 
 
-def test_tree_with_repeated_tokens_and_root_only(model):
+def test_tree_with_repeated_tokens_and_root_only(model, runner_cls):
     """Siblings and cousins holding the same token must still see only their own ancestors."""
     rng = np.random.default_rng(7)
     prompt = rng.integers(0, VOCAB, size=12)
     compiled = trimmed("tr32", 8)
     tokens = rng.integers(0, 3, size=len(compiled.paths))  # only 3 distinct tokens
     tree = prune(compiled, tokens, np.ones(len(tokens), dtype=bool))
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     runner.prefill(prompt)
     assert_close(runner.forward_tree(tree), reference_node_logits(model, prompt, tree), "repeated tokens")
 
@@ -128,9 +135,9 @@ def test_tree_with_repeated_tokens_and_root_only(model):
 # commit, then keep going
 
 
-def _run_steps(model, prompt, templates, rng, choose):
+def _run_steps(runner_cls, model, prompt, templates, rng, choose):
     """Prefill, then for each template: forward a random tree, check it, commit choose(tree)'s path."""
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     runner.prefill(prompt)
     history = list(prompt)
     for step, compiled in enumerate(templates):
@@ -142,9 +149,10 @@ def _run_steps(model, prompt, templates, rng, choose):
         runner.commit(path)
         history += tree.tokens[path].tolist()
         assert runner.cache_length == len(history)
-        for layer in runner._cache.layers:  # white-box: nothing pending is left behind
-            assert layer.keys.shape[2] == len(history)
-            assert layer.values.shape[2] == len(history)
+        if isinstance(runner, HFRunner):
+            for layer in runner._cache.layers:  # white-box: nothing pending is left behind
+                assert layer.keys.shape[2] == len(history)
+                assert layer.values.shape[2] == len(history)
     return runner, history
 
 
@@ -158,11 +166,11 @@ def _deepest_node(tree, rng):
 
 
 @pytest.mark.parametrize("prompt_len", [2, 19])
-def test_commit_random_paths_over_several_steps(model, prompt_len):
+def test_commit_random_paths_over_several_steps(model, runner_cls, prompt_len):
     rng = np.random.default_rng(prompt_len)
     prompt = rng.integers(0, VOCAB, size=prompt_len)
     templates = [trimmed(name, 8) for name in ("tr80", "tr16", "tr48", "tr8", "tr80", "tr4", "tr32")]
-    runner, history = _run_steps(model, prompt, templates, rng, _random_node)
+    runner, history = _run_steps(runner_cls, model, prompt, templates, rng, _random_node)
 
     # a plain one-token step after all the commits, and the prefix logits of the whole history
     nxt = int(rng.integers(0, VOCAB))
@@ -170,7 +178,7 @@ def test_commit_random_paths_over_several_steps(model, prompt_len):
     assert_close(runner.forward_tree(root_only), plain_logits(model, history + [nxt])[-1:], "final step")
 
 
-def test_commit_past_the_window(model):
+def test_commit_past_the_window(model, runner_cls):
     """Commit deep paths until the committed prefix is several windows long, then keep checking.
 
     Prompt shorter than every window; by the end the cache holds about 5 x 7 + 3 tokens.
@@ -178,25 +186,25 @@ def test_commit_past_the_window(model):
     rng = np.random.default_rng(11)
     prompt = rng.integers(0, VOCAB, size=3)
     compiled = trimmed("tr80", 8)
-    runner, history = _run_steps(model, prompt, [compiled] * 5, rng, _deepest_node)
+    runner, history = _run_steps(runner_cls, model, prompt, [compiled] * 5, rng, _deepest_node)
     assert len(history) == 3 + 5 * (compiled.max_depth + 1)
     window = getattr(model.config, "sliding_window", None)
     if window is not None:
         assert len(history) > 4 * window
 
 
-def test_commit_root_only_paths(model):
+def test_commit_root_only_paths(model, runner_cls):
     """Rejecting every draft: commit just the root each step (the cache grows by one)."""
     rng = np.random.default_rng(5)
     prompt = rng.integers(0, VOCAB, size=9)
-    _, history = _run_steps(model, prompt, [trimmed("tr16", 8)] * 4, rng, lambda tree, rng: 0)
+    _, history = _run_steps(runner_cls, model, prompt, [trimmed("tr16", 8)] * 4, rng, lambda tree, rng: 0)
     assert len(history) == 9 + 4
 
 
-def test_prefill_resets_the_sequence(model):
+def test_prefill_resets_the_sequence(model, runner_cls):
     """A runner reused for a second request starts from an empty cache."""
     rng = np.random.default_rng(3)
-    runner, _ = _run_steps(model, rng.integers(0, VOCAB, size=10), [trimmed("tr16", 8)] * 2, rng, _deepest_node)
+    runner, _ = _run_steps(runner_cls, model, rng.integers(0, VOCAB, size=10), [trimmed("tr16", 8)] * 2, rng, _deepest_node)
     prompt = rng.integers(0, VOCAB, size=6)
     runner.prefill(prompt)
     assert runner.cache_length == 6
@@ -235,12 +243,12 @@ def test_tree_visibility_window_on_prefix():
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
-def test_tree_shallower_than_window_edge(family):
+def test_tree_shallower_than_window_edge(family, runner_cls):
     """Window 7 = tree depth 6 + 1: the deepest node still sees the root, nothing more is cut."""
     model = build(small_window_configs(7)[family])
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, VOCAB, size=15)
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     runner.prefill(prompt)
     tree = random_tree(trimmed("tr80", 8), rng)
     assert_close(runner.forward_tree(tree), reference_node_logits(model, prompt, tree), "window 7")
@@ -248,12 +256,12 @@ def test_tree_shallower_than_window_edge(family):
 
 @pytest.mark.parametrize("window", [2, 4, 6])
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma3"])
-def test_tree_deeper_than_window_matches_plain_forward(family, window):
+def test_tree_deeper_than_window_matches_plain_forward(family, window, runner_cls):
     """Sliding window no larger than the tree depth (tr80 has depth 6)."""
     model = build(small_window_configs(window)[family])
     rng = np.random.default_rng(window)
     prompt = rng.integers(0, VOCAB, size=15)
-    runner = HFRunner(model)
+    runner = runner_cls(model)
     runner.prefill(prompt)
     tree = random_tree(trimmed("tr80", 8), rng)
     assert_close(runner.forward_tree(tree), reference_node_logits(model, prompt, tree), f"window {window}")
@@ -272,7 +280,8 @@ def test_tree_deeper_than_window_matches_plain_forward(family, window):
     ],
     ids=["gpt2", "opt"],
 )
-def test_unsupported_architecture_is_refused(config):
+@pytest.mark.parametrize("runner_cls", [HFRunner, FastRunner], ids=["hf", "fast"])
+def test_unsupported_architecture_is_refused(config, runner_cls):
     model = build(config)
     with pytest.raises(UnsupportedModelError, match=config.model_type):
-        HFRunner(model)
+        runner_cls(model)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import InvalidOptionError, TokenRecycleError
 from .models import DEFAULT_MODEL, DTYPES
+from .runners import RUNNERS
 from .templates import TEMPLATES
 
 EXIT_BAD_INPUT = 2
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="the prompt (instruct models get their chat template)")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled name (smollm2, gemma3-270m), .gguf file or model directory")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
+    gen.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
     gen.add_argument("--tree", default=None, help=f"named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or JSON file of rank paths; default by dtype")
     gen.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
@@ -61,7 +63,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidOptionError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    generator = Generator(args.model, dtype=args.dtype, tree=args.tree, topk=args.topk)
+    generator = Generator(args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk)
     chat = False if args.no_chat else None
     generator.check_fits(generator.encode(args.prompt, chat), args.max_new_tokens)
     if args.table and Path(args.table).exists():
@@ -77,13 +79,19 @@ def run_generate(args: argparse.Namespace) -> int:
         generator.save_table(args.table)
     report = {
         "model": args.model,
-        "dtype": args.dtype,
+        "dtype": generator.dtype,
+        "dtype_reason": generator.dtype_reason,
+        "runner": generator.runner_name,
         "tree": generator.tree_name,
         "drafter_bytes": generator.drafter.memory_bytes,
         **result.to_dict(),
     }
     if not args.json:
-        print(f"\n\n[tokenrecycle] {result.stats_line()} · tree {generator.tree_name}", file=sys.stderr)
+        print(
+            f"\n\n[tokenrecycle] {result.stats_line()} · tree {generator.tree_name} · "
+            f"{generator.dtype} ({generator.dtype_reason}) · {generator.runner_name}",
+            file=sys.stderr,
+        )
     if args.compare:
         plain = generator.generate_plain(args.prompt, args.max_new_tokens, args.stop, chat)
         comparison = {

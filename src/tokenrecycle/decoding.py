@@ -31,7 +31,7 @@ def speculative_greedy(
     tokens plus the bonus token. The total never exceeds max_new_tokens: trees are cut to the
     depth that could still be used. The caller stops early (EOS, stop strings) by closing it.
     """
-    logits = runner.prefill(prompt_ids)
+    logits = runner.prefill(prompt_ids, reserve=max_new_tokens)
     drafter.start(prompt_ids, logits)
     token = int(logits[-1].argmax())
     yield Step([token])

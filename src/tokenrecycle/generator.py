@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from .decoding import speculative_greedy
-from .drafters import TokenRecyclingDrafter
+from .drafters import PlainDrafter, TokenRecyclingDrafter
 from .errors import EmptyPromptError, InvalidOptionError, InvalidTemplateError, PromptTooLongError
-from .models import DEFAULT_MODEL, load_model
-from .runners import HFRunner
+from .hardware import auto_dtype
+from .models import DEFAULT_MODEL, DTYPES, load_model
+from .runners import RUNNERS, make_runner
 from .templates import TEMPLATES
 from .text import OutputAssembler
 from .trees import CompiledTree, compile_template, rank_budget_template
@@ -79,23 +80,31 @@ class Generator:
         self,
         model: str = DEFAULT_MODEL,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        runner: str = "auto",
         tree: str | Sequence[Sequence[int]] | None = None,
         topk: int = 8,
         hot_start: bool = True,
     ):
         if not isinstance(topk, int) or topk < 1:
             raise InvalidOptionError(f"topk must be at least 1, got {topk}")
-        if dtype not in DEFAULT_TREE:
-            raise InvalidOptionError(f"dtype must be one of {', '.join(DEFAULT_TREE)}, got '{dtype}'")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise InvalidOptionError(f"dtype must be auto or one of {', '.join(DTYPES)}, got '{dtype}'")
+        if runner not in RUNNERS:
+            raise InvalidOptionError(f"runner must be one of {', '.join(RUNNERS)}, got '{runner}'")
         # Options are checked before the model is loaded, so a typo fails in milliseconds.
+        self.dtype_reason = f"asked for {dtype}"
+        if dtype == "auto":
+            picked = auto_dtype()
+            dtype, self.dtype_reason = picked.dtype, f"auto: {picked.reason}"
         tree = tree if tree is not None else DEFAULT_TREE[dtype]
         choice = resolve_tree(tree, topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.dtype = dtype
-        self.runner = HFRunner(self.model)
+        self.runner = make_runner(self.model, runner)
+        self.runner_name = type(self.runner).__name__
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.hot_start = hot_start
         self._install_drafter(tree, choice, topk)
@@ -138,17 +147,30 @@ class Generator:
 
     # ---- decoding ------------------------------------------------------------------------
     def stream(
-        self, prompt: str, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        plain: bool = False,
     ) -> Generation:
+        """Decode with Token Recycling; plain=True decodes one token per forward pass on the same
+        runner instead (the baseline that isolates the gain from drafting)."""
         prompt_ids = self.encode(prompt, chat)
         self.check_fits(prompt_ids, max_new_tokens)
-        steps = speculative_greedy(self.runner, self.drafter, prompt_ids, max_new_tokens)
+        drafter = PlainDrafter() if plain else self.drafter
+        steps = speculative_greedy(self.runner, drafter, prompt_ids, max_new_tokens)
         return Generation(self._assemble(steps, prompt_ids, max_new_tokens, stop))
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = 128,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        plain: bool = False,
     ) -> GenerationResult:
-        generation = self.stream(prompt, max_new_tokens, stop, chat)
+        generation = self.stream(prompt, max_new_tokens, stop, chat, plain)
         for _ in generation:
             pass
         return generation.result

@@ -111,6 +111,35 @@ def compile_template(paths: Iterable[Sequence[int]], topk: int) -> CompiledTree:
     )
 
 
+def chain_tree(tokens: Sequence[int]) -> DraftTree:
+    """A tree with no branches: each token the child of the one before (a prompt, a plain step)."""
+    n = len(tokens)
+    return DraftTree(
+        tokens=np.asarray(tokens, dtype=np.int64),
+        parents=np.arange(-1, n - 1, dtype=np.int64),
+        depths=np.arange(n, dtype=np.int64),
+        ancestor_mask=np.tril(np.ones((n, n), dtype=bool)),
+        source=np.arange(n, dtype=np.int64),
+    )
+
+
+def tree_visibility(tree: DraftTree, start: int, window: int | None, first_key: int = 0) -> np.ndarray:
+    """(n, start - first_key + n) bool: which keys each node may attend to (pure).
+
+    Keys are the committed positions first_key..start-1 followed by the tree's own nodes. A node at
+    position p = start + depth sees key position q when q is committed or an ancestor, and, for a
+    sliding-window layer, p - q < window.
+    """
+    n = len(tree)
+    visible = np.ones((n, start - first_key + n), dtype=bool)
+    visible[:, start - first_key :] = tree.ancestor_mask
+    if window is not None:
+        node_pos = start + tree.depths
+        key_pos = np.concatenate([np.arange(first_key, start), node_pos])
+        visible &= (node_pos[:, None] - key_pos[None, :]) < window
+    return visible
+
+
 def ancestor_mask_from_parents(parents: np.ndarray) -> np.ndarray:
     """[i, j] is True when j is i or an ancestor of i; parents must precede children."""
     n = len(parents)

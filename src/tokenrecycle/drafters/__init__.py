@@ -1,6 +1,7 @@
 """Drafters: each proposes a tree from the last decided token and observes the verified logits."""
 
 from .base import Drafter
+from .plain import PlainDrafter
 from .recycling import TokenRecyclingDrafter
 
-__all__ = ["Drafter", "TokenRecyclingDrafter"]
+__all__ = ["Drafter", "PlainDrafter", "TokenRecyclingDrafter"]

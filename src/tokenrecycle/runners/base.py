@@ -21,8 +21,11 @@ class ModelRunner(ABC):
     max_context: int
 
     @abstractmethod
-    def prefill(self, input_ids: np.ndarray) -> torch.Tensor:
-        """Start a new sequence: run the prompt, cache it, return float32 logits (prompt_len, vocab)."""
+    def prefill(self, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
+        """Start a new sequence: run the prompt, cache it, return float32 logits (prompt_len, vocab).
+
+        `reserve` is how many tokens the caller may still decide; a runner can size its cache once.
+        """
 
     @abstractmethod
     def forward_tree(self, tree: DraftTree) -> torch.Tensor:

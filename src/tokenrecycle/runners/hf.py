@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import UnsupportedModelError
-from ..trees import DraftTree
+from ..trees import DraftTree, tree_visibility
 from .base import ModelRunner
 
 # How each supported family takes a custom mask:
@@ -53,7 +53,7 @@ class HFRunner(ModelRunner):
         return self._committed
 
     @torch.inference_mode()
-    def prefill(self, input_ids: np.ndarray) -> torch.Tensor:
+    def prefill(self, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
         self._cache = DynamicCache()
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self._device)[None]
         out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
@@ -101,19 +101,3 @@ class HFRunner(ModelRunner):
         mask = torch.zeros(visible.shape, dtype=self._mask_dtype)
         mask.masked_fill_(~torch.from_numpy(visible), torch.finfo(self._mask_dtype).min)
         return mask[None, None].to(self._device)
-
-
-def tree_visibility(tree: DraftTree, start: int, window: int | None) -> np.ndarray:
-    """(n, start + n) bool: which keys each tree node may attend to (pure).
-
-    The committed prefix occupies positions 0..start-1; a node at position p sees key position q
-    when q <= p and, for a sliding-window layer, p - q < window.
-    """
-    n = len(tree)
-    visible = np.ones((n, start + n), dtype=bool)
-    visible[:, start:] = tree.ancestor_mask
-    if window is not None:
-        node_pos = start + tree.depths
-        key_pos = np.concatenate([np.arange(start), node_pos])
-        visible &= (node_pos[:, None] - key_pos[None, :]) < window
-    return visible

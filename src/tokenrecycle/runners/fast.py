@@ -1,0 +1,259 @@
+"""A runner with its own decoder loop over a preallocated KV cache, for the Llama family and Gemma3.
+
+It reuses the transformers model's weights and its small modules (embedding, activation, rotary
+tables), so it computes what the model computes, but one step is a short list of large kernels:
+fused q/k/v and gate/up projections with weights prepacked once, the rotary table precomputed for
+the whole cache, tree tokens written straight into their cache slots, and the accepted path
+gathered into place instead of concatenating caches.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from ..errors import UnsupportedModelError
+from ..trees import DraftTree, chain_tree, tree_visibility
+from .base import ModelRunner
+from .hf import MASK_STYLE
+from .kv_cache import KVCache
+from .linear import Linear
+
+# Families whose decoder layer is: [norm] attention [norm] + residual, [norm] MLP [norm] + residual,
+# with the names transformers gives their modules. Gemma stores RMSNorm weights as w - 1.
+FAST_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "gemma"}
+TREE_SLOTS = 128  # cache slots kept free for one step's pending tree (more are added if needed)
+STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # tables that do not depend on the sequence length
+
+
+def fast_unsupported_reason(config) -> str | None:
+    """Why the fast runner cannot run this model exactly, or None when it can."""
+    if config.model_type not in FAST_FAMILIES:
+        return f"architecture '{config.model_type}' has no fast runner"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping is not implemented in the fast runner"
+    for params in _rope_parameters(config):
+        if params.get("rope_type", "default") not in STATIC_ROPE:
+            return f"rope type '{params.get('rope_type')}' changes with the sequence length"
+    return None
+
+
+def _rope_parameters(config) -> list[dict]:
+    params = getattr(config, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) or v is None for v in params.values()):
+        return [p for p in params.values() if p]  # one entry per layer type (Gemma3)
+    return [params]
+
+
+class RMSNorm:
+    """transformers' RMSNorm, computed in float32 like it: Llama scales after casting back, Gemma
+    multiplies by (1 + w) before casting. torch's fused rms_norm gives the same float32 result as
+    the module's four separate operations."""
+
+    def __init__(self, module: torch.nn.Module, gemma: bool):
+        self.eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        self.shape = tuple(module.weight.shape)
+        self.gemma = gemma
+        self.weight = 1.0 + module.weight.detach().float() if gemma else module.weight.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemma:
+            return F.rms_norm(x.float(), self.shape, self.weight, self.eps).type_as(x)
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+
+
+@dataclass
+class Layer:
+    attn_norm: RMSNorm
+    qkv: Linear
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    out: Linear
+    post_attn_norm: RMSNorm | None  # Gemma's sandwich norms
+    mlp_norm: RMSNorm
+    gate_up: Linear
+    down: Linear
+    post_mlp_norm: RMSNorm | None
+    window: int | None  # sliding-window width, None for full attention
+    rope: str  # which rotary table
+
+
+def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool) -> Layer:
+    attn, mlp = module.self_attn, module.mlp
+
+    def norm(name: str, owner: torch.nn.Module = module) -> RMSNorm | None:
+        sub = getattr(owner, name, None)
+        return RMSNorm(sub, gemma) if sub is not None else None
+
+    def weights(*linears: torch.nn.Linear) -> tuple[list, list]:
+        return [m.weight.detach() for m in linears], [None if m.bias is None else m.bias.detach() for m in linears]
+
+    return Layer(
+        attn_norm=norm("input_layernorm"),
+        qkv=Linear.fused(*weights(attn.q_proj, attn.k_proj, attn.v_proj)),
+        q_norm=norm("q_norm", attn),
+        k_norm=norm("k_norm", attn),
+        out=Linear(*(w[0] for w in weights(attn.o_proj))),
+        post_attn_norm=norm("post_attention_layernorm") if gemma else None,
+        mlp_norm=norm("pre_feedforward_layernorm" if gemma else "post_attention_layernorm"),
+        gate_up=Linear.fused(*weights(mlp.gate_proj, mlp.up_proj)),
+        down=Linear(*(w[0] for w in weights(mlp.down_proj))),
+        post_mlp_norm=norm("post_feedforward_layernorm") if gemma else None,
+        window=window,
+        rope=rope,
+    )
+
+
+class FastRunner(ModelRunner):
+    """Same answers as the transformers runner, far fewer and larger operations per step."""
+
+    def __init__(self, model: PreTrainedModel):
+        config = model.config
+        reason = fast_unsupported_reason(config)
+        if reason:
+            raise UnsupportedModelError(reason)
+        gemma = FAST_FAMILIES[config.model_type] == "gemma"
+        decoder = model.model
+        self.vocab_size = int(config.vocab_size)
+        self.max_context = int(getattr(config, "max_position_embeddings", 2048))
+        self.dtype = model.dtype
+        self._device = model.device
+        self._embed = decoder.embed_tokens
+        self._rotary = decoder.rotary_emb
+        self._act = decoder.layers[0].mlp.act_fn
+        self._scale = float(decoder.layers[0].self_attn.scaling)
+        self._num_heads = config.num_attention_heads
+        self._num_kv_heads = config.num_key_value_heads
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._layers = [
+            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma)
+            for i, layer in enumerate(decoder.layers)
+        ]
+        self._windows = sorted({layer.window for layer in self._layers}, key=lambda w: -1 if w is None else w)
+        self._rope_keys = sorted({layer.rope for layer in self._layers})
+        self._rope_takes_layer_type = "layer_type" in inspect.signature(self._rotary.forward).parameters
+        self._norm = RMSNorm(decoder.norm, gemma)
+        self._lm_head = Linear(model.get_output_embeddings().weight.detach())
+        self._softcap = getattr(config, "final_logit_softcapping", None)
+        # On CPU, attention runs in float32 whatever the weights: its bf16 kernels are several times
+        # slower here, and the keys and values are cached exactly (a bf16 value widens losslessly).
+        self._attention_dtype = torch.float32 if self._device.type == "cpu" else self.dtype
+        self._cache = KVCache(
+            len(self._layers), self._num_kv_heads, self._head_dim, self._attention_dtype, self._device
+        )
+        self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope_length = 0
+
+    @property
+    def cache_length(self) -> int:
+        return self._cache.length
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
+        tree = chain_tree(input_ids)
+        self._cache.reset(min(len(tree) + reserve, self.max_context) + TREE_SLOTS)
+        logits = self._run(tree, start=0)
+        self._cache.length = len(tree)
+        return logits
+
+    @torch.inference_mode()
+    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
+        start = self._cache.length
+        self._cache.reserve(start + len(tree))
+        return self._run(tree, start)
+
+    @torch.inference_mode()
+    def commit(self, accepted: np.ndarray) -> None:
+        self._cache.commit(np.asarray(accepted))
+
+    # ---- one forward pass ----------------------------------------------------------------
+    def _run(self, tree: DraftTree, start: int) -> torch.Tensor:
+        self._ensure_rope(self._cache.capacity)
+        ids = torch.as_tensor(tree.tokens, device=self._device)
+        positions = torch.as_tensor(start + tree.depths, device=self._device)
+        rope = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self._rope_tables.items()}
+        masks = {window: self._mask(tree, start, window) for window in self._windows}
+        x = self._embed(ids)
+        for index, layer in enumerate(self._layers):
+            x = self._layer(index, layer, x, start, rope[layer.rope], masks[layer.window])
+        logits = self._lm_head(self._norm(x))
+        if self._softcap is not None:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits.float()
+
+    def _layer(self, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
+        h = self._attention(index, layer, layer.attn_norm(x), start, rope, mask)
+        if layer.post_attn_norm is not None:
+            h = layer.post_attn_norm(h)
+        x = x + h
+        gate, up = layer.gate_up(layer.mlp_norm(x)).chunk(2, dim=-1)
+        h = layer.down(self._act(gate) * up)
+        if layer.post_mlp_norm is not None:
+            h = layer.post_mlp_norm(h)
+        return x + h
+
+    def _attention(self, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
+        n, d = x.shape[0], self._head_dim
+        heads, kv_heads = self._num_heads, self._num_kv_heads
+        qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, d)
+        v = qkv[:, heads + kv_heads :]
+        if layer.q_norm is None:
+            # Rotate queries and keys together: one set of kernels instead of two.
+            qk = _rotate(qkv[:, : heads + kv_heads], *rope)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q = _rotate(layer.q_norm(qkv[:, :heads]), *rope)
+            k = _rotate(layer.k_norm(qkv[:, heads : heads + kv_heads]), *rope)
+        self._cache.write(index, start, k.transpose(0, 1), v.transpose(0, 1))
+        first_key, bias = mask
+        keys, values = self._cache.view(index, first_key, start + n)
+        query = q.transpose(0, 1)[None].to(self._attention_dtype)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=self._scale, enable_gqa=True)
+        return layer.out(out[0].transpose(0, 1).reshape(n, -1).to(x.dtype))
+
+    def _mask(self, tree: DraftTree, start: int, window: int | None) -> tuple[int, torch.Tensor | None]:
+        """First visible cache slot and the additive mask over slots first..start+n-1 (None: all visible)."""
+        first_key = 0 if window is None else max(0, start - window + 1)
+        if len(tree) == 1:
+            return first_key, None
+        visible = torch.from_numpy(tree_visibility(tree, start, window, first_key))
+        bias = torch.zeros(visible.shape, dtype=self._attention_dtype)
+        bias.masked_fill_(~visible, torch.finfo(self._attention_dtype).min)
+        return first_key, bias.to(self._device)
+
+    def _ensure_rope(self, length: int) -> None:
+        """Rotary cos/sin for positions 0..length-1, from the model's own rotary module."""
+        if length <= self._rope_length:
+            return
+        positions = torch.arange(length, device=self._device)[None]
+        probe = torch.empty(0, dtype=self.dtype, device=self._device)
+        for key in self._rope_keys:
+            args = (key,) if self._rope_takes_layer_type else ()
+            cos, sin = self._rotary(probe, positions, *args)
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
+            self._rope_tables[key] = (cos[0], signed_sin)
+        self._rope_length = length
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers applies it, x * cos + rotate_half(x) * sin, with the sign of
+    rotate_half folded into the sine table so the rotation is a single roll (bit-identical)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _window(config, index: int) -> int | None:
+    """Sliding-window width of one layer, as transformers applies it (see MASK_STYLE)."""
+    if MASK_STYLE[config.model_type] == "by_layer_type":
+        return config.sliding_window if config.layer_types[index] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
+def _rope_key(config, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[index] if config.model_type == "gemma3_text" else "default"
