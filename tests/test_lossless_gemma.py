@@ -23,7 +23,7 @@ MAX_NEW = 24
 def gemma():
     from tokenrecycle import Generator
 
-    return Generator("gemma3-270m", dtype="float32")
+    return Generator("gemma3-270m", dtype="float32", runner="fast")
 
 
 def test_loaded_as_gemma3_with_sliding_layers(gemma):

@@ -31,11 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
     gen.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
+    gen.add_argument("--quantize", choices=["int4"], default=None, help="int4: 4-bit weights in groups of 32 (a model of its own; needs bfloat16 and the fast runner)")
     gen.add_argument("--tree", default=None, help=f"named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or JSON file of rank paths; default by dtype")
     gen.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
-    gen.add_argument("--compare", action="store_true", help="also run plain greedy model.generate and compare")
+    gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
     return parser
@@ -63,7 +64,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidOptionError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    generator = Generator(args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk)
+    generator = Generator(
+        args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk, quantize=args.quantize
+    )
     chat = False if args.no_chat else None
     generator.check_fits(generator.encode(args.prompt, chat), args.max_new_tokens)
     if args.table and Path(args.table).exists():
@@ -82,6 +85,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "dtype": generator.dtype,
         "dtype_reason": generator.dtype_reason,
         "runner": generator.runner_name,
+        "quantize": args.quantize,
         "tree": generator.tree_name,
         "drafter_bytes": generator.drafter.memory_bytes,
         **result.to_dict(),
@@ -93,8 +97,9 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.compare:
-        plain = generator.generate_plain(args.prompt, args.max_new_tokens, args.stop, chat)
+        plain, baseline = compare_baseline(generator, args, chat)
         comparison = {
+            "baseline": baseline,
             "baseline_tokens_per_s": plain.tokens_per_s,
             "speedup": result.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s else 0.0,
             "identical": plain.token_ids == result.token_ids,
@@ -102,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
         report.update(comparison)
         if not args.json:
             print(
-                f"[plain greedy] {plain.tokens_per_s:.1f} tokens/s · speedup {comparison['speedup']:.2f}x · "
+                f"[{baseline}] {plain.tokens_per_s:.1f} tokens/s · speedup {comparison['speedup']:.2f}x · "
                 f"identical output: {'yes' if comparison['identical'] else 'NO'}",
                 file=sys.stderr,
             )
@@ -111,10 +116,22 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_baseline(generator, args, chat):
+    """Plain greedy decoding of the same model: transformers' model.generate, or, for quantised
+    weights that only the fast runner has, one token per step on that runner."""
+    if generator.quantize:
+        result = generator.generate(args.prompt, args.max_new_tokens, args.stop, chat, plain=True)
+        return result, f"plain greedy, same {generator.quantize} runner"
+    return generator.generate_plain(args.prompt, args.max_new_tokens, args.stop, chat), "plain greedy model.generate"
+
+
 def warm_up(generator, chat) -> None:
     """One short run of each method so neither pays first-call costs inside the timing."""
     generator.generate("Hello", max_new_tokens=4, chat=chat)
-    generator.generate_plain("Hello", max_new_tokens=4, chat=chat)
+    if generator.quantize:
+        generator.generate("Hello", max_new_tokens=4, chat=chat, plain=True)
+    else:
+        generator.generate_plain("Hello", max_new_tokens=4, chat=chat)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from .errors import EmptyPromptError, InvalidOptionError, InvalidTemplateError, 
 from .hardware import auto_dtype
 from .models import DEFAULT_MODEL, DTYPES, load_model
 from .runners import RUNNERS, make_runner
+
+QUANTIZE = (None, "int4")
 from .templates import TEMPLATES
 from .text import OutputAssembler
 from .trees import CompiledTree, compile_template, rank_budget_template
@@ -85,6 +87,7 @@ class Generator:
         tree: str | Sequence[Sequence[int]] | None = None,
         topk: int = 8,
         hot_start: bool = True,
+        quantize: str | None = None,
     ):
         if not isinstance(topk, int) or topk < 1:
             raise InvalidOptionError(f"topk must be at least 1, got {topk}")
@@ -92,18 +95,23 @@ class Generator:
             raise InvalidOptionError(f"dtype must be auto or one of {', '.join(DTYPES)}, got '{dtype}'")
         if runner not in RUNNERS:
             raise InvalidOptionError(f"runner must be one of {', '.join(RUNNERS)}, got '{runner}'")
+        if quantize not in QUANTIZE:
+            raise InvalidOptionError(f"quantize must be one of {', '.join(map(str, QUANTIZE))}, got '{quantize}'")
         # Options are checked before the model is loaded, so a typo fails in milliseconds.
         self.dtype_reason = f"asked for {dtype}"
         if dtype == "auto":
             picked = auto_dtype()
             dtype, self.dtype_reason = picked.dtype, f"auto: {picked.reason}"
+        if quantize is not None and dtype != "bfloat16":
+            raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
         tree = tree if tree is not None else DEFAULT_TREE[dtype]
         choice = resolve_tree(tree, topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.dtype = dtype
-        self.runner = make_runner(self.model, runner)
+        self.quantize = quantize
+        self.runner = make_runner(self.model, runner, quantize)
         self.runner_name = type(self.runner).__name__
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.hot_start = hot_start

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..errors import UnsupportedModelError
+from ..errors import InvalidOptionError, UnsupportedModelError
 from ..trees import DraftTree, chain_tree, tree_visibility
 from .base import ModelRunner
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
-from .linear import Linear
+from .linear import LINEARS, Linear, fuse
 
 # Families whose decoder layer is: [norm] attention [norm] + residual, [norm] MLP [norm] + residual,
 # with the names transformers gives their modules. Gemma stores RMSNorm weights as w - 1.
@@ -83,7 +83,7 @@ class Layer:
     rope: str  # which rotary table
 
 
-def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool) -> Layer:
+def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool, linear=Linear) -> Layer:
     attn, mlp = module.self_attn, module.mlp
 
     def norm(name: str, owner: torch.nn.Module = module) -> RMSNorm | None:
@@ -95,14 +95,14 @@ def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: b
 
     return Layer(
         attn_norm=norm("input_layernorm"),
-        qkv=Linear.fused(*weights(attn.q_proj, attn.k_proj, attn.v_proj)),
+        qkv=linear(*fuse(*weights(attn.q_proj, attn.k_proj, attn.v_proj))),
         q_norm=norm("q_norm", attn),
         k_norm=norm("k_norm", attn),
-        out=Linear(*(w[0] for w in weights(attn.o_proj))),
+        out=linear(*fuse(*weights(attn.o_proj))),
         post_attn_norm=norm("post_attention_layernorm") if gemma else None,
         mlp_norm=norm("pre_feedforward_layernorm" if gemma else "post_attention_layernorm"),
-        gate_up=Linear.fused(*weights(mlp.gate_proj, mlp.up_proj)),
-        down=Linear(*(w[0] for w in weights(mlp.down_proj))),
+        gate_up=linear(*fuse(*weights(mlp.gate_proj, mlp.up_proj))),
+        down=linear(*fuse(*weights(mlp.down_proj))),
         post_mlp_norm=norm("post_feedforward_layernorm") if gemma else None,
         window=window,
         rope=rope,
@@ -112,11 +112,14 @@ def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: b
 class FastRunner(ModelRunner):
     """Same answers as the transformers runner, far fewer and larger operations per step."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, quantize: str | None = None):
         config = model.config
         reason = fast_unsupported_reason(config)
         if reason:
             raise UnsupportedModelError(reason)
+        if quantize not in LINEARS:
+            raise InvalidOptionError(f"quantize must be int4 or none, got '{quantize}'")
+        self.quantize = quantize
         gemma = FAST_FAMILIES[config.model_type] == "gemma"
         decoder = model.model
         self.vocab_size = int(config.vocab_size)
@@ -131,14 +134,14 @@ class FastRunner(ModelRunner):
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._layers = [
-            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma)
+            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, LINEARS[quantize])
             for i, layer in enumerate(decoder.layers)
         ]
         self._windows = sorted({layer.window for layer in self._layers}, key=lambda w: -1 if w is None else w)
         self._rope_keys = sorted({layer.rope for layer in self._layers})
         self._rope_takes_layer_type = "layer_type" in inspect.signature(self._rotary.forward).parameters
         self._norm = RMSNorm(decoder.norm, gemma)
-        self._lm_head = Linear(model.get_output_embeddings().weight.detach())
+        self._lm_head = Linear(model.get_output_embeddings().weight.detach())  # never quantised
         self._softcap = getattr(config, "final_logit_softcapping", None)
         # On CPU, attention runs in float32 whatever the weights: its bf16 kernels are several times
         # slower here, and the keys and values are cached exactly (a bf16 value widens losslessly).
