@@ -33,20 +33,26 @@ WARM_UP_PROMPTS = ["Hello! How are you?", "Write a haiku about autumn.", "List t
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def forward_costs(runner, context: int = 256, repeats: int = 15) -> dict[int, float]:
-    """Median ms of one forward pass of n tree tokens on top of `context` cached tokens."""
+def forward_costs(runners: dict, context: int = 256, repeats: int = 21) -> dict[str, dict[int, float]]:
+    """Median ms of one forward pass of n tree tokens on top of `context` cached tokens, per runner.
+
+    Runners take turns at each size, so a slow spell of the machine hits them alike."""
     rng = np.random.default_rng(0)
-    costs = {}
-    for n in COST_SIZES:
-        runner.prefill(rng.integers(0, runner.vocab_size, size=context), reserve=repeats + 8)
-        tree = chain_tree(rng.integers(0, runner.vocab_size, size=n))
-        times = []
-        for _ in range(repeats + 2):
-            start = time.perf_counter()
-            runner.forward_tree(tree)
-            times.append(time.perf_counter() - start)
-            runner.commit(np.array([0]))
-        costs[n] = statistics.median(times[2:]) * 1e3
+    prompt = rng.integers(0, 49152, size=context)
+    costs: dict[str, dict[int, float]] = {name: {} for name in runners}
+    for n in (1, *COST_SIZES):  # the first pass over n=1 is a warm-up and is overwritten
+        tree = chain_tree(rng.integers(0, 49152, size=n))
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for name, runner in runners.items():
+            runner.prefill(prompt, reserve=repeats + 8)
+        for _ in range(repeats):
+            for name, runner in runners.items():
+                start = time.perf_counter()
+                runner.forward_tree(tree)
+                times[name].append(time.perf_counter() - start)
+                runner.commit(np.array([0]))
+        for name in runners:
+            costs[name][n] = statistics.median(times[name]) * 1e3
     return costs
 
 
@@ -85,17 +91,23 @@ def load_llama_cpp(model: str) -> LlamaCpp | None:
 def run(args) -> dict:
     fast = Generator(args.model, dtype=args.dtype, runner="fast", tree=args.tree)
     hf = Generator(args.model, dtype=args.dtype, runner="hf", tree=args.tree)
+    int4 = Generator(args.model, dtype=args.dtype, quantize="int4", tree=args.int4_tree) if args.int4 else None
     llama = load_llama_cpp(args.model) if args.model == "smollm2" else None
-    curves = {"hf": forward_costs(hf.runner), "fast": forward_costs(fast.runner)}
+    runners = {"hf": hf.runner, "fast": fast.runner, **({"fast int4": int4.runner} if int4 else {})}
+    curves = forward_costs(runners)
     print(f"\n### Forward cost, {args.dtype}: ms for n tree tokens on 256 cached (ratio to n=1)\n")
     print(cost_table(curves) + "\n", flush=True)
 
+    new = args.max_new_tokens
     methods = {
-        "generate": lambda p: hf.generate_plain(p, max_new_tokens=args.max_new_tokens),
-        "hf-tr": lambda p: hf.generate(p, max_new_tokens=args.max_new_tokens),
-        "fast-plain": lambda p: fast.generate(p, max_new_tokens=args.max_new_tokens, plain=True),
-        "fast-tr": lambda p: fast.generate(p, max_new_tokens=args.max_new_tokens),
+        "generate": lambda p: hf.generate_plain(p, max_new_tokens=new),
+        "hf-tr": lambda p: hf.generate(p, max_new_tokens=new),
+        "fast-plain": lambda p: fast.generate(p, max_new_tokens=new, plain=True),
+        "fast-tr": lambda p: fast.generate(p, max_new_tokens=new),
     }
+    if int4:
+        methods["int4-plain"] = lambda p: int4.generate(p, max_new_tokens=new, plain=True)
+        methods["int4-tr"] = lambda p: int4.generate(p, max_new_tokens=new)
     for prompt in WARM_UP_PROMPTS:
         for method in methods.values():
             method(prompt)
@@ -119,6 +131,8 @@ def run(args) -> dict:
         for name in methods:
             row[f"{name}_identical"] = row[f"{name}_ids"] == reference
         row["fast-tr_identical_to_fast-plain"] = row["fast-tr_ids"] == row["fast-plain_ids"]
+        if int4:
+            row["int4-tr_identical_to_int4-plain"] = row["int4-tr_ids"] == row["int4-plain_ids"]
         rows.append(row)
         print(
             f"  {index + 1}/{len(args.questions)} {question['category']:<11} "
@@ -126,22 +140,30 @@ def run(args) -> dict:
             file=sys.stderr,
             flush=True,
         )
-    return {"curves": curves, "rows": rows, "tree": fast.tree_name, "llamacpp": llama is not None}
+    return {
+        "curves": curves,
+        "rows": rows,
+        "tree": fast.tree_name,
+        "int4_tree": int4.tree_name if int4 else None,
+        "methods": list(methods) + (["llamacpp"] if llama else []),
+    }
 
 
 def speed_table(result: dict, dtype: str) -> str:
     rows = result["rows"]
-    names = ["generate", "hf-tr", "fast-plain", "fast-tr"] + (["llamacpp"] if result["llamacpp"] else [])
+    names = result["methods"]
     median = {n: statistics.median(r[f"{n}_tps"] for r in rows) for n in names}
+    int4_note = f", int4 tree `{result['int4_tree']}`" if result["int4_tree"] else ""
     lines = [
-        f"### {dtype}, tree `{result['tree']}`, {len(rows)} prompts",
+        f"### {dtype}, tree `{result['tree']}`{int4_note}, {len(rows)} prompts",
         "",
         "| method | tok/s (median) | ms/token | vs model.generate | MAT | identical to model.generate |",
         "|---|---|---|---|---|---|",
     ]
     for n in names:
         mat = statistics.mean(r[f"{n}_mat"] for r in rows) if n != "llamacpp" else float("nan")
-        same = f"{statistics.mean(r[f'{n}_identical'] for r in rows):.0%}" if n != "llamacpp" else "n/a (Q4_1 compute)"
+        other_weights = n == "llamacpp" or n.startswith("int4")
+        same = "n/a (other weights)" if other_weights else f"{statistics.mean(r[f'{n}_identical'] for r in rows):.0%}"
         lines.append(
             f"| {n} | {median[n]:.1f} | {1000 / median[n]:.1f} | {median[n] / median['generate']:.2f}x | "
             f"{mat:.2f} | {same} |"
@@ -153,11 +175,18 @@ def speed_table(result: dict, dtype: str) -> str:
         f"- gain from drafting (fast TR / fast plain): {median['fast-tr'] / median['fast-plain']:.2f}x; "
         f"fast TR output identical to fast plain: {same_runner:.0%}",
     ]
-    if result["llamacpp"]:
-        lines += [
-            f"- fast TR / llama.cpp plain: {median['fast-tr'] / median['llamacpp']:.2f}x; "
-            f"fast plain per-token time / llama.cpp's: {median['llamacpp'] / median['fast-plain']:.2f}x",
-        ]
+    if "int4-tr" in median:
+        same_int4 = statistics.mean(r["int4-tr_identical_to_int4-plain"] for r in rows)
+        lines.append(
+            f"- int4 (a model of its own): drafting gain {median['int4-tr'] / median['int4-plain']:.2f}x; "
+            f"int4 TR output identical to int4 plain: {same_int4:.0%}"
+        )
+    if "llamacpp" in median:
+        for name in [n for n in names if n not in ("generate", "hf-tr", "llamacpp")]:
+            lines.append(
+                f"- {name} vs llama.cpp plain: {median[name] / median['llamacpp']:.2f}x tokens/s "
+                f"(per-token time {median['llamacpp'] / median[name]:.2f}x llama.cpp's)"
+            )
     return "\n".join(lines)
 
 
@@ -169,6 +198,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tree", default=None)
+    parser.add_argument("--int4", action="store_true", help="also the fast runner with int4 weights")
+    parser.add_argument("--int4-tree", default="tr4", help="tree for the int4 TR row")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not args.questions.is_file():

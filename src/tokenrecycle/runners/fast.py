@@ -204,14 +204,13 @@ class FastRunner(ModelRunner):
         n, d = x.shape[0], self._head_dim
         heads, kv_heads = self._num_heads, self._num_kv_heads
         qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, d)
-        v = qkv[:, heads + kv_heads :]
         if layer.q_norm is None:
             # Rotate queries and keys together: one set of kernels instead of two.
-            qk = _rotate(qkv[:, : heads + kv_heads], *rope)
-            q, k = qk[:, :heads], qk[:, heads:]
+            qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
+            q, k = _rotate(qk, *rope).split([heads, kv_heads], dim=1)
         else:
-            q = _rotate(layer.q_norm(qkv[:, :heads]), *rope)
-            k = _rotate(layer.k_norm(qkv[:, heads : heads + kv_heads]), *rope)
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+            q, k = _rotate(layer.q_norm(q), *rope), _rotate(layer.k_norm(k), *rope)
         self._cache.write(index, start, k.transpose(0, 1), v.transpose(0, 1))
         first_key, bias = mask
         keys, values = self._cache.view(index, first_key, start + n)

@@ -22,6 +22,7 @@ class KVCache:
         self._device = device
         self.keys = torch.empty(self._shape, dtype=dtype, device=device)
         self.values = torch.empty(self._shape, dtype=dtype, device=device)
+        self._layer_views()
         self.length = 0
 
     @property
@@ -41,13 +42,16 @@ class KVCache:
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store (kv_heads, n, head_dim) keys and values at slots start..start+n-1 of one layer."""
-        end = start + keys.shape[1]
-        self.keys[layer, :, start:end] = keys
-        self.values[layer, :, start:end] = values
+        n = keys.shape[1]
+        self._keys_by_layer[layer].narrow(2, start, n).copy_(keys)
+        self._values_by_layer[layer].narrow(2, start, n).copy_(values)
 
     def view(self, layer: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots first..end-1 of one layer, as (1, kv_heads, end - first, head_dim) views."""
-        return self.keys[layer, None, :, first:end], self.values[layer, None, :, first:end]
+        return (
+            self._keys_by_layer[layer].narrow(2, first, end - first),
+            self._values_by_layer[layer].narrow(2, first, end - first),
+        )
 
     def commit(self, accepted: np.ndarray) -> None:
         """Keep the pending slots `length + accepted` (a root-to-node path) as the next committed rows."""
@@ -67,3 +71,9 @@ class KVCache:
         keys[:, :, :keep] = self.keys[:, :, :keep]
         values[:, :, :keep] = self.values[:, :, :keep]
         self.keys, self.values = keys, values
+        self._layer_views()
+
+    def _layer_views(self) -> None:
+        # (1, kv_heads, capacity, head_dim) views made once: a step then slices them with one call.
+        self._keys_by_layer = [layer[None] for layer in self.keys]
+        self._values_by_layer = [layer[None] for layer in self.values]
