@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--tree", default=None)
     parser.add_argument("--int4", action="store_true", help="also the fast runner with int4 weights")
-    parser.add_argument("--int4-tree", default="tr4", help="tree for the int4 TR row")
+    parser.add_argument("--int4-tree", default=None, help="tree for the int4 TR row (default: the int4 default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not args.questions.is_file():

@@ -25,8 +25,9 @@ from .text import OutputAssembler
 from .trees import CompiledTree, compile_template, rank_budget_template
 
 # Chosen by measured sweeps on MT-Bench prompts (2-core AVX-512-BF16 CPU): each extra tree token
-# costs more in float32 than in bfloat16, so the float32 tree is smaller. Other machines differ.
-DEFAULT_TREE = {"float32": "tr4", "bfloat16": "tr8"}
+# costs more in float32 than in bfloat16, so the float32 tree is smaller, and int4 matrix kernels
+# cost almost one token's time per extra row, so int4 gets the smallest. Other machines differ.
+DEFAULT_TREE = {"float32": "tr4", "bfloat16": "tr8", "int4": "tr2"}
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Generator:
             dtype, self.dtype_reason = picked.dtype, f"auto: {picked.reason}"
         if quantize is not None and dtype != "bfloat16":
             raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
-        tree = tree if tree is not None else DEFAULT_TREE[dtype]
+        tree = tree if tree is not None else DEFAULT_TREE[quantize or dtype]
         choice = resolve_tree(tree, topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
@@ -119,7 +120,7 @@ class Generator:
 
     def set_tree(self, tree: str | Sequence[Sequence[int]] | None, topk: int = 8) -> None:
         """Switch to another tree (named, file or paths; None for the dtype's default); the table starts empty."""
-        tree = tree if tree is not None else DEFAULT_TREE[self.dtype]
+        tree = tree if tree is not None else DEFAULT_TREE[self.quantize or self.dtype]
         self._install_drafter(tree, resolve_tree(tree, topk), topk)
 
     def _install_drafter(self, tree, choice: TreeChoice, topk: int) -> None:

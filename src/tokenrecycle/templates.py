@@ -3,6 +3,8 @@
 Each is a list of rank paths (see trees.py); `none` drafts nothing (plain decoding on the same
 runner).
 
+- tr2: the two most likely next tokens, no deeper guess: for runners whose cost grows quickly
+  with the tree (int4 weights on a CPU).
 - tr4, tr8, tr16, tr32: the best trees of their size for measured acceptance rates
   (`trees.best_template`), from `scripts/calibrate_trees.py --dtype bfloat16` on SmolLM2-135M with
   a hot table and the calibration prompts shipped in tokenrecycle/data (not benchmark prompts).
@@ -15,6 +17,8 @@ from .trees import RankPath
 
 TEMPLATES: dict[str, list[RankPath]] = {
     "none": [],
+    # 2 nodes, depth 1
+    "tr2": [(0,), (1,)],
     # 4 nodes, per depth 2/1/1; calibrated (expected 0.74 accepted drafts per step)
     "tr4": [
         (0,), (1,), (0, 0), (0, 0, 0),
