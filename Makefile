@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: run test bench install clean
+.PHONY: run test bench bench-runners llamacpp install clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_core.py
+
+# Optional: llama.cpp for the comparison rows. It compiles (about 4 minutes on 2 cores). Native
+# builds crash on some AVX-512 CPUs in the AMX path for Q4 weights, hence these flags.
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+llamacpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q '.[llamacpp]'
+
+bench-runners: $(STAMP)
+	$(PY) scripts/bench_runners.py --int4
 
 clean:
 	rm -rf $(VENV)

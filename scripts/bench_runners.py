@@ -190,6 +190,24 @@ def speed_table(result: dict, dtype: str) -> str:
     return "\n".join(lines)
 
 
+def category_table(result: dict) -> str:
+    """Median tokens/s of every method per category, and Token Recycling's speedups there."""
+    names = result["methods"]
+    by_category: dict[str, list[dict]] = {}
+    for row in result["rows"]:
+        by_category.setdefault(row["category"], []).append(row)
+    header = "| category | " + " | ".join(names) + " | fast-tr / generate | fast-tr / fast-plain | MAT fast-tr |"
+    lines = [header, "|---|" + "---|" * (len(names) + 3)]
+    for category, rows in [*by_category.items(), ("**overall**", result["rows"])]:
+        median = {n: statistics.median(r[f"{n}_tps"] for r in rows) for n in names}
+        mat = statistics.mean(r["fast-tr_mat"] for r in rows)
+        lines.append(
+            f"| {category} | " + " | ".join(f"{median[n]:.1f}" for n in names)
+            + f" | {median['fast-tr'] / median['generate']:.2f}x | {median['fast-tr'] / median['fast-plain']:.2f}x | {mat:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=Path, default=Path("../shared/data/spec_bench/question.jsonl"))
@@ -201,7 +219,13 @@ def main() -> None:
     parser.add_argument("--int4", action="store_true", help="also the fast runner with int4 weights")
     parser.add_argument("--int4-tree", default=None, help="tree for the int4 TR row (default: the int4 default)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--render", type=Path, default=None, help="print the tables of a saved --out file, run nothing")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        saved["curves"] = {name: {int(n): ms for n, ms in costs.items()} for name, costs in saved["curves"].items()}
+        print(cost_table(saved["curves"]) + "\n\n" + speed_table(saved, saved["dtype"]) + "\n\n" + category_table(saved))
+        return
     if not args.questions.is_file():
         parser.exit(2, f"bench_runners: error: no question file at {args.questions}\n")
     questions = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
@@ -210,6 +234,7 @@ def main() -> None:
           f"{len(args.questions)} prompts, {args.max_new_tokens} new tokens")
     result = run(args)
     print("\n" + speed_table(result, args.dtype) + "\n")
+    print(category_table(result) + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"dtype": args.dtype, **result}, indent=1))

@@ -55,6 +55,40 @@ def test_bad_dtype_is_one_line_too(capsys):
     assert_one_line_error(code, err, "invalid choice: 'fp8'")
 
 
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--runner", "turbo"], "invalid choice: 'turbo'"),
+        (["--quantize", "int2"], "invalid choice: 'int2'"),
+        (["--quantize", "int4", "--dtype", "float32"], "needs bfloat16"),
+        (["--quantize", "int4", "--runner", "hf", "--dtype", "bfloat16"], "needs the fast runner"),
+    ],
+)
+def test_bad_runner_options_are_one_line(capsys, args, text):
+    code, out, err = run_cli(capsys, "hi", *args)
+    assert_one_line_error(code, err, text)
+    assert out == ""
+
+
+def test_auto_dtype_and_runner_are_reported(capsys):
+    code, out, _ = run_cli(capsys, "--json", "--max-new-tokens", "4", "Hi")
+    assert code == 0
+    report = json.loads(out)
+    assert report["dtype"] in ("float32", "bfloat16") and report["dtype_reason"].startswith("auto: ")
+    assert report["runner"] == "FastRunner"
+    code, out, _ = run_cli(capsys, "--json", "--runner", "hf", "--dtype", "float32", "--max-new-tokens", "4", "Hi")
+    assert json.loads(out)["runner"] == "HFRunner" and json.loads(out)["dtype_reason"] == "asked for float32"
+
+
+def test_int4_compares_with_plain_decoding_of_the_same_weights(capsys):
+    args = ["--json", "--compare", "--quantize", "int4", "--dtype", "bfloat16", "--max-new-tokens", "8", "Hi"]
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0
+    report = json.loads(out)
+    assert report["quantize"] == "int4" and report["tree"] == "tr2"
+    assert report["baseline"] == "plain greedy, same int4 runner"
+
+
 def test_user_tree_file_is_validated(capsys, tmp_path):
     bad = tmp_path / "tree.json"
     bad.write_text("[[0], [0, 0, 0]]")
@@ -124,12 +158,14 @@ def test_prompt_too_long_on_the_cli(capsys):
 
 
 def test_json_with_compare(capsys):
-    code, out, _ = run_cli(capsys, "--json", "--compare", "--max-new-tokens", "12", "Name a fruit.")
+    args = ["--json", "--compare", "--dtype", "float32", "--max-new-tokens", "12", "Name a fruit."]
+    code, out, _ = run_cli(capsys, *args)
     assert code == 0
     report = json.loads(out)
     for key in ("text", "new_tokens", "steps", "mean_accepted", "tokens_per_s",
-                "baseline_tokens_per_s", "speedup", "identical", "drafter_bytes"):
+                "baseline_tokens_per_s", "speedup", "identical", "drafter_bytes", "runner", "dtype_reason"):
         assert key in report
+    assert report["runner"] == "FastRunner" and report["baseline"] == "plain greedy model.generate"
     assert report["identical"] is True
     assert report["new_tokens"] <= 12
     assert report["mean_accepted"] == pytest.approx(report["new_tokens"] / report["steps"])

@@ -70,6 +70,37 @@ def test_every_template_matches_plain_greedy(smollm2, baselines, template):
         assert max(accepted) > 1.5  # drafts really were accepted, not just verified
 
 
+def test_plain_decoding_on_the_fast_runner_matches_generate(smollm2, baselines):
+    """One token per step on the fast runner is exactly transformers' greedy decoding."""
+    mismatches = [p for p in PROMPTS if smollm2.generate(p, max_new_tokens=MAX_NEW, plain=True).token_ids != baselines[p]]
+    assert not mismatches, f"plain decoding on the fast runner differs from model.generate on {mismatches}"
+
+
+@pytest.mark.parametrize("template", ["tr8", "tr80"])
+def test_transformers_runner_matches_generate(smollm2_hf, baselines, template):
+    smollm2_hf.set_tree(template)
+    for prompt in PROMPTS[::4]:
+        assert smollm2_hf.generate(prompt, max_new_tokens=MAX_NEW).token_ids == baselines[prompt], prompt
+
+
+def test_both_runners_give_the_same_tree_logits(smollm2, smollm2_hf):
+    """On the real model, float32: the fast runner's logits for a prompt and a tree are the
+    transformers runner's up to float rounding."""
+    import numpy as np
+
+    from tokenrecycle.trees import compile_template, prune
+
+    prompt = smollm2.encode(PROMPTS[8])
+    compiled = compile_template(TEMPLATES["tr16"], 8)
+    tokens = np.random.default_rng(0).integers(0, 49152, size=len(compiled.paths))
+    tree = prune(compiled, tokens, np.ones(len(tokens), dtype=bool))
+    for name, expected, actual in [
+        ("prefill", smollm2_hf.runner.prefill(prompt), smollm2.runner.prefill(prompt)),
+        ("tree", smollm2_hf.runner.forward_tree(tree), smollm2.runner.forward_tree(tree)),
+    ]:
+        assert (expected - actual).abs().max().item() < 1e-3, name
+
+
 def test_long_generation_with_the_default_tree(smollm2):
     smollm2.set_tree(None)
     for prompt in PROMPTS[:3] + PROMPTS[8:10]:

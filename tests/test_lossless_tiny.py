@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tokenrecycle.decoding import speculative_greedy
-from tokenrecycle.drafters import TokenRecyclingDrafter
+from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
 from tokenrecycle.generator import resolve_tree
 from tokenrecycle.runners import FastRunner, HFRunner
 from tokenrecycle.templates import TEMPLATES
@@ -91,6 +91,16 @@ def test_speculative_equals_generate(arch, template, runner_cls):
                 assert all(len(s) == 1 for s in steps)  # no draft: plain decoding, one token a pass
             else:
                 assert all(len(s) <= compiled.max_depth + 1 for s in steps)
+
+
+def test_plain_drafter_is_plain_decoding(arch, runner_cls):
+    """No drafts: one token per forward pass, exactly model.generate's tokens, on either runner."""
+    name, model, refs = arch
+    runner = runner_cls(model)
+    for prompt_name, prompt in PROMPTS.items():
+        steps = run(runner, PlainDrafter(), prompt, N)
+        assert all(len(s) == 1 for s in steps)
+        assert flat(steps) == refs[prompt_name], f"{name}/{prompt_name}"
 
 
 def test_hot_start_accepts_drafts(arch, runner_cls):

@@ -103,6 +103,8 @@ class Generator:
         if dtype == "auto":
             picked = auto_dtype()
             dtype, self.dtype_reason = picked.dtype, f"auto: {picked.reason}"
+        if quantize is not None and runner == "hf":
+            raise InvalidOptionError(f"quantize={quantize} needs the fast runner, not runner=hf")
         if quantize is not None and dtype != "bfloat16":
             raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
         tree = tree if tree is not None else DEFAULT_TREE[quantize or dtype]
