@@ -33,7 +33,7 @@ bench: $(STAMP)
 # builds crash on some AVX-512 CPUs in the AMX path for Q4 weights, hence these flags.
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 llamacpp: $(STAMP)
-	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q '.[llamacpp]'
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q -e '.[llamacpp]'
 
 bench-runners: $(STAMP)
 	$(PY) scripts/bench_runners.py --int4
