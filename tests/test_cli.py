@@ -17,7 +17,7 @@ from tokenrecycle import (
     PromptTooLongError,
     UnsupportedModelError,
 )
-from tokenrecycle.cli import main
+from tokenrecycle.cli import identical_text, main
 from tokenrecycle.models import resolve
 
 
@@ -192,3 +192,9 @@ def test_console_script_entry_point():
     assert result.stderr.strip() == "tokenrecycle: error: the prompt is empty"
     scripts = Path(sys.executable).parent / "tokenrecycle"
     assert scripts.exists()
+
+
+def test_identical_text_explains_a_16_bit_mismatch():
+    assert identical_text(True, "bfloat16") == "yes"
+    assert identical_text(False, "float32") == "NO"
+    assert identical_text(False, "bfloat16").startswith("no (bfloat16 rounding")

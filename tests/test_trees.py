@@ -71,7 +71,7 @@ def test_shipped_templates_are_valid(name):
 
 def test_shipped_template_sizes():
     sizes = {name: len(paths) for name, paths in TEMPLATES.items()}
-    assert sizes == {"none": 0, "tr4": 4, "tr8": 8, "tr16": 16, "tr32": 32, "tr48": 48, "tr80": 80}
+    assert sizes == {"none": 0, "tr2": 2, "tr4": 4, "tr8": 8, "tr16": 16, "tr32": 32, "tr48": 48, "tr80": 80}
     depths = np.bincount([len(p) for p in TEMPLATES["tr80"]])[1:].tolist()
     assert depths == [8, 21, 25, 15, 8, 3]  # the official tree's nodes per depth
 

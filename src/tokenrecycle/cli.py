@@ -108,12 +108,21 @@ def run_generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(
                 f"[{baseline}] {plain.tokens_per_s:.1f} tokens/s · speedup {comparison['speedup']:.2f}x · "
-                f"identical output: {'yes' if comparison['identical'] else 'NO'}",
+                f"identical output: {identical_text(comparison['identical'], generator.dtype)}",
                 file=sys.stderr,
             )
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def identical_text(identical: bool, dtype: str) -> str:
+    if identical:
+        return "yes"
+    if dtype != "float32":
+        # Batched verification is not bit-identical to one-token decoding in 16-bit arithmetic.
+        return f"no ({dtype} rounding flips near-ties; outputs are token-exact in float32)"
+    return "NO"
 
 
 def compare_baseline(generator, args, chat):

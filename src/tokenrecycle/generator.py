@@ -18,11 +18,11 @@ from .errors import EmptyPromptError, InvalidOptionError, InvalidTemplateError, 
 from .hardware import auto_dtype
 from .models import DEFAULT_MODEL, DTYPES, load_model
 from .runners import RUNNERS, make_runner
-
-QUANTIZE = (None, "int4")
 from .templates import TEMPLATES
 from .text import OutputAssembler
 from .trees import CompiledTree, compile_template, rank_budget_template
+
+QUANTIZE = (None, "int4")  # weight formats beside the dtype's own
 
 # Chosen by measured sweeps on MT-Bench prompts (2-core AVX-512-BF16 CPU): each extra tree token
 # costs more in float32 than in bfloat16, so the float32 tree is smaller, and int4 matrix kernels

@@ -212,21 +212,27 @@ class FastRunner(ModelRunner):
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
             q, k = _rotate(layer.q_norm(q), *rope), _rotate(layer.k_norm(k), *rope)
         self._cache.write(index, start, k.transpose(0, 1), v.transpose(0, 1))
-        first_key, bias = mask
+        first_key, bias, causal = mask
         keys, values = self._cache.view(index, first_key, start + n)
         query = q.transpose(0, 1)[None].to(self._attention_dtype)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=self._scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=bias, is_causal=causal, scale=self._scale, enable_gqa=True
+        )
         return layer.out(out[0].transpose(0, 1).reshape(n, -1).to(x.dtype))
 
-    def _mask(self, tree: DraftTree, start: int, window: int | None) -> tuple[int, torch.Tensor | None]:
-        """First visible cache slot and the additive mask over slots first..start+n-1 (None: all visible)."""
+    def _mask(self, tree: DraftTree, start: int, window: int | None) -> tuple[int, torch.Tensor | None, bool]:
+        """First visible cache slot, the additive mask over slots first..start+n-1 (None: no mask),
+        and whether plain causal attention does the job instead (a prompt on an empty cache)."""
         first_key = 0 if window is None else max(0, start - window + 1)
-        if len(tree) == 1:
-            return first_key, None
+        n = len(tree)
+        if n == 1:
+            return first_key, None, False
+        if start == 0 and (window is None or window >= n) and np.array_equal(tree.parents, np.arange(-1, n - 1)):
+            return 0, None, True  # no (n, n) mask to build for a long prompt
         visible = torch.from_numpy(tree_visibility(tree, start, window, first_key))
         bias = torch.zeros(visible.shape, dtype=self._attention_dtype)
         bias.masked_fill_(~visible, torch.finfo(self._attention_dtype).min)
-        return first_key, bias.to(self._device)
+        return first_key, bias.to(self._device), False
 
     def _ensure_rope(self, length: int) -> None:
         """Rotary cos/sin for positions 0..length-1, from the model's own rotary module."""
