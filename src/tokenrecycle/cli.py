@@ -97,7 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.compare:
-        plain, baseline = compare_baseline(generator, args, chat)
+        plain, baseline = compare_baseline(generator, args.prompt, args.max_new_tokens, args.stop, chat)
         comparison = {
             "baseline": baseline,
             "baseline_tokens_per_s": plain.tokens_per_s,
@@ -125,23 +125,19 @@ def identical_text(identical: bool, dtype: str) -> str:
     return "NO"
 
 
-def compare_baseline(generator, args, chat):
+def compare_baseline(generator, prompt: str, max_new_tokens: int, stop, chat):
     """Plain greedy decoding of the same model: transformers' model.generate, or, for quantised
     weights that only the fast runner has, one token per step on that runner."""
     if generator.quantize:
-        result = generator.generate(args.prompt, args.max_new_tokens, args.stop, chat, plain=True)
+        result = generator.generate(prompt, max_new_tokens, stop, chat, plain=True)
         return result, f"plain greedy, same {generator.quantize} runner"
-    return generator.generate_plain(args.prompt, args.max_new_tokens, args.stop, chat), "plain greedy model.generate"
+    return generator.generate_plain(prompt, max_new_tokens, stop, chat), "plain greedy model.generate"
 
 
 def warm_up(generator, chat) -> None:
     """One short run of each method so neither pays first-call costs inside the timing."""
     generator.generate("Hello", max_new_tokens=4, chat=chat)
-    if generator.quantize:
-        generator.generate("Hello", max_new_tokens=4, chat=chat, plain=True)
-    else:
-        generator.generate_plain("Hello", max_new_tokens=4, chat=chat)
-
+    compare_baseline(generator, "Hello", 4, (), chat)
 
 if __name__ == "__main__":
     sys.exit(main())

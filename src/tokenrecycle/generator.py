@@ -30,6 +30,10 @@ QUANTIZE = (None, "int4")  # weight formats beside the dtype's own
 DEFAULT_TREE = {"float32": "tr4", "bfloat16": "tr8", "int4": "tr2"}
 
 
+def default_tree(dtype: str, quantize: str | None) -> str:
+    return DEFAULT_TREE[quantize or dtype]
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -107,7 +111,7 @@ class Generator:
             raise InvalidOptionError(f"quantize={quantize} needs the fast runner, not runner=hf")
         if quantize is not None and dtype != "bfloat16":
             raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
-        tree = tree if tree is not None else DEFAULT_TREE[quantize or dtype]
+        tree = tree if tree is not None else default_tree(dtype, quantize)
         choice = resolve_tree(tree, topk)
         self.loaded = load_model(model, dtype)
         self.model = self.loaded.model
@@ -122,7 +126,7 @@ class Generator:
 
     def set_tree(self, tree: str | Sequence[Sequence[int]] | None, topk: int = 8) -> None:
         """Switch to another tree (named, file or paths; None for the dtype's default); the table starts empty."""
-        tree = tree if tree is not None else DEFAULT_TREE[self.quantize or self.dtype]
+        tree = tree if tree is not None else default_tree(self.dtype, self.quantize)
         self._install_drafter(tree, resolve_tree(tree, topk), topk)
 
     def _install_drafter(self, tree, choice: TreeChoice, topk: int) -> None:

@@ -43,3 +43,11 @@ class ModelRunner(ABC):
     @abstractmethod
     def cache_length(self) -> int:
         """Tokens committed to the cache."""
+
+
+def additive_mask(visible: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An attention bias from a visibility matrix: 0 where a key is visible, the dtype's most
+    negative value where it is not (not -inf, so no softmax row can turn into NaN)."""
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask.masked_fill_(~torch.from_numpy(visible), torch.finfo(dtype).min)
+    return mask.to(device)

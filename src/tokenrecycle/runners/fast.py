@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..trees import DraftTree, chain_tree, tree_visibility
-from .base import ModelRunner
+from .base import ModelRunner, additive_mask
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
 from .linear import LINEARS, Linear, fuse
@@ -229,10 +229,8 @@ class FastRunner(ModelRunner):
             return first_key, None, False
         if start == 0 and (window is None or window >= n) and np.array_equal(tree.parents, np.arange(-1, n - 1)):
             return 0, None, True  # no (n, n) mask to build for a long prompt
-        visible = torch.from_numpy(tree_visibility(tree, start, window, first_key))
-        bias = torch.zeros(visible.shape, dtype=self._attention_dtype)
-        bias.masked_fill_(~visible, torch.finfo(self._attention_dtype).min)
-        return first_key, bias.to(self._device), False
+        visible = tree_visibility(tree, start, window, first_key)
+        return first_key, additive_mask(visible, self._attention_dtype, self._device), False
 
     def _ensure_rope(self, length: int) -> None:
         """Rotary cos/sin for positions 0..length-1, from the model's own rotary module."""

@@ -8,7 +8,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import UnsupportedModelError
 from ..trees import DraftTree, tree_visibility
-from .base import ModelRunner
+from .base import ModelRunner, additive_mask
 
 # How each supported family takes a custom mask:
 #   "single": one 4-D mask for every layer (window applied if the config has a sliding window);
@@ -97,7 +97,4 @@ class HFRunner(ModelRunner):
         }
 
     def _additive_mask(self, tree: DraftTree, start: int, window: int | None) -> torch.Tensor:
-        visible = tree_visibility(tree, start, window)
-        mask = torch.zeros(visible.shape, dtype=self._mask_dtype)
-        mask.masked_fill_(~torch.from_numpy(visible), torch.finfo(self._mask_dtype).min)
-        return mask[None, None].to(self._device)
+        return additive_mask(tree_visibility(tree, start, window), self._mask_dtype, self._device)[None, None]
