@@ -39,7 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
+    add_bench_parser(commands)
     return parser
+
+
+def add_bench_parser(commands) -> None:
+    from .bench.methods import BASE_METHODS, DEFAULT_METHODS  # no torch: cheap
+
+    bench = commands.add_parser("bench", help="benchmark tokenrecycle against plain decoding and peer methods")
+    bench.add_argument("--questions", default=None, help="Spec-Bench-style JSON lines (question_id, category, turns); default: MT-Bench and HumanEval from installed packages")
+    bench.add_argument("--per-category", type=int, default=None, help="the first N questions of each category")
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--dtype", nargs="+", choices=["auto", *sorted(DTYPES)], default=["auto"], help="one report part per dtype")
+    bench.add_argument("--methods", type=comma_list, default=None, help=f"comma-separated, from {','.join(BASE_METHODS)}; default {','.join(DEFAULT_METHODS)} (those available)")
+    bench.add_argument("--trees", type=comma_list, default=None, help="trees for the Token Recycling methods (comma-separated); default: the runner's default")
+    bench.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median counts")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--draft-model", default=None, help="draft model for hf-assisted (must share the tokenizer)")
+    bench.add_argument("--pld-tokens", type=int, default=10, help="prompt lookup: tokens proposed per step (transformers and llama.cpp)")
+    bench.add_argument("--pld-ngram", type=int, default=2, help="prompt lookup: longest n-gram matched")
+    bench.add_argument("--warm-up", type=int, default=3, help="warm-up prompts per method (at most 3)")
+    bench.add_argument("--no-cost-curve", action="store_true", help="skip measuring the runners' forward time against tree size")
+    bench.add_argument("--out", default="bench-results", help="directory for results.json, report.md and plots")
+    bench.add_argument("--render", metavar="DIR", default=None, help="rebuild report.md and plots from DIR/results.json; run nothing")
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad option already reported in one line
         return int(exit_request.code or 0)
     try:
-        return run_generate(args)
+        return run_bench(args) if args.command == "bench" else run_generate(args)
     except TokenRecycleError as exc:
         print(f"tokenrecycle: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -113,6 +142,38 @@ def run_generate(args: argparse.Namespace) -> int:
             )
     if args.json:
         print(json.dumps(report))
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, default_questions, per_category, read_questions, render, run_bench
+
+    if args.render:
+        print(render(args.render))
+        return 0
+    questions = read_questions(args.questions) if args.questions else default_questions()
+    config = BenchConfig(
+        questions=per_category(questions, args.per_category),
+        out=Path(args.out),
+        question_source=args.questions or "MT-Bench and HumanEval (installed packages)",
+        model=args.model,
+        dtypes=tuple(args.dtype),
+        methods=args.methods,
+        trees=args.trees,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        draft_model=args.draft_model,
+        pld_tokens=args.pld_tokens,
+        pld_ngram=args.pld_ngram,
+        warm_up=args.warm_up,
+        cost_curve=not args.no_cost_curve,
+    )
+    try:
+        run_bench(config)
+    except KeyboardInterrupt:
+        print(f"tokenrecycle: interrupted; partial results in {config.out}", file=sys.stderr)
+        return 130
+    print(Path(config.out) / "report.md")
     return 0
 
 

@@ -13,16 +13,20 @@ import numpy as np
 import torch
 
 from .decoding import speculative_greedy
-from .drafters import PlainDrafter, TokenRecyclingDrafter
+from .drafters import Drafter, PlainDrafter, TokenRecyclingDrafter
 from .errors import EmptyPromptError, InvalidOptionError, InvalidTemplateError, PromptTooLongError
 from .hardware import auto_dtype
-from .models import DEFAULT_MODEL, DTYPES, load_model
+from .models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
 from .runners import RUNNERS, make_runner
 from .templates import TEMPLATES
 from .text import OutputAssembler
 from .trees import CompiledTree, compile_template, rank_budget_template
 
 QUANTIZE = (None, "int4")  # weight formats beside the dtype's own
+
+# What a prompt may be: text (a user turn), chat messages ({"role", "content"} dicts, for
+# multi-turn conversations) or token ids already encoded.
+Prompt = str | Sequence[dict] | np.ndarray
 
 # Chosen by measured sweeps on MT-Bench prompts (2-core AVX-512-BF16 CPU): each extra tree token
 # costs more in float32 than in bfloat16, so the float32 tree is smaller, and int4 matrix kernels
@@ -85,7 +89,7 @@ class Generator:
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: str | LoadedModel = DEFAULT_MODEL,
         *,
         dtype: str = "auto",
         runner: str = "auto",
@@ -113,7 +117,10 @@ class Generator:
             raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
         tree = tree if tree is not None else default_tree(dtype, quantize)
         choice = resolve_tree(tree, topk)
-        self.loaded = load_model(model, dtype)
+        if isinstance(model, LoadedModel) and model.dtype != dtype:
+            raise InvalidOptionError(f"the loaded model is {model.dtype}, not {dtype}")
+        # A LoadedModel is shared, not copied: several generators (runners, trees) over one model.
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.dtype = dtype
@@ -132,22 +139,32 @@ class Generator:
     def _install_drafter(self, tree, choice: TreeChoice, topk: int) -> None:
         self.tree_name = tree if isinstance(tree, str) else "custom"
         self.template = choice.template
-        self.drafter = TokenRecyclingDrafter(
-            self.runner.vocab_size, choice.template, topk, self.hot_start, budget=choice.budget
-        )
+        self.topk = topk
+        self.drafter = self.new_drafter(hot_start=self.hot_start)
+
+    def new_drafter(self, hot_start: bool = True, tree: str | Sequence[Sequence[int]] | None = None) -> Drafter:
+        """A Token Recycling drafter of its own (own table) for this runner: this generator's
+        tree unless another is given. Pass it to generate(drafter=...)."""
+        choice = TreeChoice(self.template) if tree is None else resolve_tree(tree, self.topk)
+        return TokenRecyclingDrafter(self.runner.vocab_size, choice.template, self.topk, hot_start, budget=choice.budget)
 
     # ---- prompts -------------------------------------------------------------------------
-    def encode(self, prompt: str, chat: bool | None = None) -> np.ndarray:
-        """Token ids of a prompt; instruct models get their chat template unless chat=False."""
-        if not isinstance(prompt, str) or not prompt.strip():
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> np.ndarray:
+        """Token ids of a prompt; instruct models get their chat template unless chat=False.
+        Messages without a chat template are joined as plain text; token ids pass through."""
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or len(prompt) == 0:
+                raise EmptyPromptError("the prompt is empty")
+            return prompt.astype(np.int64, copy=False)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not messages or not all(str(m.get("content", "")).strip() for m in messages):
             raise EmptyPromptError("the prompt is empty")
         use_chat = self.tokenizer.chat_template is not None if chat is None else chat
         if use_chat:
-            messages = [{"role": "user", "content": prompt}]
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
-            ids = self.tokenizer(prompt)["input_ids"]
+            ids = self.tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
         return np.asarray(ids, dtype=np.int64)
 
     def check_fits(self, prompt_ids: np.ndarray, max_new_tokens: int) -> None:
@@ -163,35 +180,38 @@ class Generator:
     # ---- decoding ------------------------------------------------------------------------
     def stream(
         self,
-        prompt: str,
+        prompt: Prompt,
         max_new_tokens: int = 128,
         stop: Sequence[str] = (),
         chat: bool | None = None,
         plain: bool = False,
+        drafter: Drafter | None = None,
     ) -> Generation:
         """Decode with Token Recycling; plain=True decodes one token per forward pass on the same
-        runner instead (the baseline that isolates the gain from drafting)."""
+        runner instead (the baseline that isolates the gain from drafting); `drafter` replaces
+        this generator's own drafter for this call."""
         prompt_ids = self.encode(prompt, chat)
         self.check_fits(prompt_ids, max_new_tokens)
-        drafter = PlainDrafter() if plain else self.drafter
+        drafter = PlainDrafter() if plain else drafter or self.drafter
         steps = speculative_greedy(self.runner, drafter, prompt_ids, max_new_tokens)
         return Generation(self._assemble(steps, prompt_ids, max_new_tokens, stop))
 
     def generate(
         self,
-        prompt: str,
+        prompt: Prompt,
         max_new_tokens: int = 128,
         stop: Sequence[str] = (),
         chat: bool | None = None,
         plain: bool = False,
+        drafter: Drafter | None = None,
     ) -> GenerationResult:
-        generation = self.stream(prompt, max_new_tokens, stop, chat, plain)
+        generation = self.stream(prompt, max_new_tokens, stop, chat, plain, drafter)
         for _ in generation:
             pass
         return generation.result
 
     def generate_plain(
-        self, prompt: str, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+        self, prompt: Prompt, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
     ) -> GenerationResult:
         """Plain greedy decoding with transformers' own `model.generate`: the reference and baseline."""
         prompt_ids = self.encode(prompt, chat)
@@ -292,14 +312,18 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 @torch.inference_mode()
-def plain_greedy_tokens(model, prompt_ids: np.ndarray, max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+def plain_greedy_tokens(
+    model, prompt_ids: np.ndarray, max_new_tokens: int, eos_ids: set[int], **generate_options
+) -> list[int]:
+    """Greedy `model.generate`; generate_options pass through (prompt lookup, assistant model)."""
     ids = torch.as_tensor(prompt_ids, device=model.device)[None]
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         do_sample=False,
         max_new_tokens=max_new_tokens,
-        eos_token_id=sorted(eos_ids),
-        pad_token_id=sorted(eos_ids)[0],
+        eos_token_id=sorted(eos_ids) or None,
+        pad_token_id=min(eos_ids, default=0),
+        **generate_options,
     )
     return out[0, len(prompt_ids) :].tolist()

@@ -49,3 +49,26 @@ def auto_dtype(device: str = "cpu", flags: set[str] | None = None) -> DtypeChoic
     if found and torch.backends.mkldnn.is_available():
         return DtypeChoice("bfloat16", f"the CPU has {found[0]}")
     return DtypeChoice("float32", "the CPU has no bfloat16 matrix instructions (amx_bf16, avx512_bf16)")
+
+
+def machine_info() -> dict:
+    """What a benchmark result depends on: CPU, cores, threads and library versions."""
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("tokenrecycle", "torch", "transformers", "numpy", "llama-cpp-python"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags": sorted(cpu_flags()),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }

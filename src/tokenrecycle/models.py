@@ -35,6 +35,7 @@ class LoadedModel:
     tokenizer: object
     name: str
     path: Path
+    dtype: str
 
 
 def bundled_gguf(name: str) -> Path:
@@ -86,7 +87,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
     directory = gguf_to_safetensors(path) if path.is_file() else path
     model = _load_directory(directory, DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=path)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=path, dtype=dtype)
 
 
 def _load_directory(directory: Path, dtype: torch.dtype):

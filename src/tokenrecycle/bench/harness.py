@@ -1,0 +1,288 @@
+"""Run a benchmark: every method on every question, interleaved per prompt, after warm-up.
+
+All methods of a dtype run in one process on the same token ids. Per turn the methods take turns
+in an order that rotates from prompt to prompt, so none always runs first (warmer caches) or last.
+A multi-turn question continues, as in Spec-Bench, after the model's own answer: the reference
+method's, so every method sees the same second prompt. Results are saved after every question
+(atomically), so an interrupted run leaves a valid partial results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..cost import forward_costs
+from ..errors import InvalidOptionError, PromptTooLongError, TokenRecycleError
+from ..hardware import machine_info
+from ..models import DEFAULT_MODEL
+from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from .methods import (
+    BASE_METHODS,
+    DEFAULT_METHODS,
+    REFERENCE,
+    Method,
+    MethodFactory,
+    MethodRun,
+    MethodUnavailable,
+    method_names,
+)
+from .progress import BenchProgress
+from .questions import Question
+
+RESULTS_FILE = "results.json"
+RESULTS_VERSION = 1
+WARM_UP_PROMPTS = ("Hello! How are you?", "Write a haiku about autumn.", "List three prime numbers.")
+WARM_UP_TOKENS = 32
+
+
+@dataclass
+class BenchConfig:
+    questions: list[Question]
+    out: Path
+    question_source: str = "default"
+    model: str = DEFAULT_MODEL
+    dtypes: tuple[str, ...] = ("auto",)
+    methods: tuple[str, ...] | None = None  # None: the default set, skipping what is unavailable
+    trees: tuple[str, ...] | None = None  # None: each runner's default tree
+    max_new_tokens: int = 128
+    repeats: int = 1
+    draft_model: str | None = None
+    pld_tokens: int = 10
+    pld_ngram: int = 2
+    warm_up: int = len(WARM_UP_PROMPTS)
+    cost_curve: bool = True
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.repeats < 1:
+            raise InvalidOptionError(f"--repeats must be at least 1, got {self.repeats}")
+        if not self.questions:
+            raise InvalidOptionError("no questions to run")
+        unknown = [m for m in self.methods or () if m not in BASE_METHODS]
+        if unknown:
+            raise InvalidOptionError(f"unknown method '{unknown[0]}' (known: {', '.join(BASE_METHODS)})")
+
+    def method_list(self) -> list[str]:
+        """The methods to run, the reference first: it decides what a second turn follows."""
+        asked = list(self.methods or DEFAULT_METHODS)
+        return [REFERENCE] + [m for m in dict.fromkeys(asked) if m != REFERENCE]
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Run every dtype section; write results.json (after each question) and the report."""
+    from .report import render  # matplotlib is imported only when a report is drawn
+
+    config.check()
+    config.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "version": RESULTS_VERSION,
+        "status": "running",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        "settings": settings_of(config),
+        "sections": [],
+    }
+    progress = BenchProgress(enabled=config.progress)
+    try:
+        for dtype in config.dtypes:
+            run_section(config, dtype, results, progress)
+        results["status"] = "complete"
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+        raise
+    finally:
+        progress.close()
+        save_results(results, config.out)
+        if any(section["records"] for section in results["sections"]):
+            render(config.out)
+    return results
+
+
+def settings_of(config: BenchConfig) -> dict:
+    settings = asdict(config)
+    settings.pop("questions")
+    settings.pop("progress")
+    settings["out"] = str(config.out)
+    settings["questions"] = len(config.questions)
+    settings["turns"] = sum(len(q.turns) for q in config.questions)
+    settings["categories"] = list(dict.fromkeys(q.category for q in config.questions))
+    return settings
+
+
+def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchProgress) -> None:
+    start = time.perf_counter()
+    factory = MethodFactory(config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram)
+    before = current_rss_bytes()
+    generator = factory.generator
+    section = {
+        "dtype": generator.dtype,
+        "dtype_reason": generator.dtype_reason,
+        "runner": generator.runner_name,
+        "default_tree": generator.tree_name,
+        "model_memory_bytes": current_rss_bytes() - before,
+        "methods": {},
+        "unavailable": {},
+        "cost_curves": {},
+        "records": [],
+        "wall_seconds": 0.0,
+    }
+    results["sections"].append(section)
+    methods = build_methods(factory, config, section)
+    warm_up(methods, generator, config.warm_up, section)
+    if config.cost_curve:
+        progress.note(f"{generator.dtype}: measuring the runners' cost curves")
+        curves = forward_costs(factory.cost_runners(methods))
+        section["cost_curves"] = {runner: {str(n): ms for n, ms in costs.items()} for runner, costs in curves.items()}
+    turns = sum(len(q.turns) for q in config.questions)
+    progress.add_work(turns * len(methods) * config.repeats)
+    turns_before = 0
+    for question in config.questions:
+        section["records"] += run_question(question, methods, generator, config, progress, turns_before)
+        turns_before += len(question.turns)
+        section["wall_seconds"] = time.perf_counter() - start
+        save_results(results, config.out)
+
+
+def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) -> list[Method]:
+    """Each method asked for; one that cannot run here is an error when asked for by name and
+    a note in the report when it was only part of the default set."""
+    methods = []
+    for name, base, tree in method_names(config.method_list(), list(config.trees) if config.trees else None):
+        before = current_rss_bytes()
+        try:
+            method = factory.build(base, tree, name)
+        except MethodUnavailable as exc:
+            if config.methods is not None and base in config.methods:
+                raise MethodUnavailable(f"method {name}: {exc}") from None
+            section["unavailable"][name] = str(exc)
+            continue
+        methods.append(method)
+        section["methods"][name] = {
+            "base": base,
+            "baseline": method.baseline,
+            "description": method.description,
+            "settings": method.settings,
+            "memory_added_bytes": max(current_rss_bytes() - before, 0),
+            "drafter_bytes": method.drafter_bytes,
+        }
+    return methods
+
+
+def warm_up(methods: list[Method], generator, prompts: int, section: dict) -> None:
+    """Each method decodes a few short prompts first: one-off costs (allocation, kernel choice,
+    a hot start's table) are paid outside the timing, on text that is not benchmarked."""
+    for prompt in WARM_UP_PROMPTS[:prompts]:
+        ids = generator.encode(prompt)
+        for method in methods:
+            try:
+                method.run(ids, WARM_UP_TOKENS)
+            except Exception as exc:  # recorded; the method's prompts will show it too
+                section["methods"][method.name]["warm_up_error"] = one_line(exc)
+
+
+def run_question(
+    question: Question, methods: list[Method], generator, config: BenchConfig, progress: BenchProgress, turns_before: int
+) -> list[dict]:
+    records = []
+    messages: list[dict] = []
+    for turn, text in enumerate(question.turns):
+        messages.append({"role": "user", "content": text})
+        try:
+            prompt_ids = generator.encode(messages)
+            generator.check_fits(prompt_ids, config.max_new_tokens)
+        except TokenRecycleError as exc:  # too long for the model: no method can run it
+            return records + [failed_record(question, turn, m.name, exc) for m in methods]
+        runs: dict[str, list[tuple[MethodRun | Exception, int]]] = {m.name: [] for m in methods}
+        for repeat in range(config.repeats):
+            for method in rotated(methods, turns_before + turn + repeat):
+                progress.advance(f"{question.category} {question.question_id}/{turn + 1} {method.name}")
+                runs[method.name].append(run_once(method, prompt_ids, config.max_new_tokens))
+        turn_records = [record_of(question, turn, len(prompt_ids), name, outcome) for name, outcome in runs.items()]
+        records += turn_records
+        answer = next((r for r in turn_records if r["status"] == "ok"), None)  # the reference's, if it ran
+        if answer is None:
+            break
+        messages.append({"role": "assistant", "content": generator.tokenizer.decode(answer["token_ids"], skip_special_tokens=True)})
+    return records
+
+
+def rotated(methods: list, shift: int) -> list:
+    shift %= len(methods)
+    return methods[shift:] + methods[:shift]
+
+
+def run_once(method: Method, prompt_ids: np.ndarray, max_new_tokens: int) -> tuple[MethodRun | Exception, int]:
+    """One timed run, and the peak resident memory during it. A failure is returned, not raised:
+    one method's error must not end the benchmark (Ctrl-C still does)."""
+    reset_peak_rss()
+    try:
+        outcome = method.run(prompt_ids, max_new_tokens)
+    except Exception as exc:
+        outcome = exc
+    return outcome, peak_rss_bytes()
+
+
+def record_of(question: Question, turn: int, prompt_tokens: int, method: str, outcomes: list) -> dict:
+    failures = [run for run, _ in outcomes if isinstance(run, Exception)]
+    if failures:
+        return failed_record(question, turn, method, failures[0], prompt_tokens)
+    runs = [run for run, _ in outcomes]
+    first = runs[0]
+    return {
+        **record_key(question, turn, method, prompt_tokens),
+        "status": "ok",
+        "error": None,
+        "seconds": [run.seconds for run in runs],
+        "new_tokens": len(first.token_ids),
+        "tokens_per_s": statistics.median(len(run.token_ids) / run.seconds for run in runs),
+        "accepted_lengths": first.accepted_lengths,
+        "token_ids": first.token_ids,
+        "peak_rss_bytes": max(peak for _, peak in outcomes),
+    }
+
+
+def failed_record(question: Question, turn: int, method: str, error: Exception, prompt_tokens: int = 0) -> dict:
+    return {**record_key(question, turn, method, prompt_tokens), "status": "failed", "error": one_line(error)}
+
+
+def record_key(question: Question, turn: int, method: str, prompt_tokens: int) -> dict:
+    return {
+        "question_id": question.question_id,
+        "category": question.category,
+        "turn": turn,
+        "prompt_tokens": prompt_tokens,
+        "method": method,
+    }
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def save_results(results: dict, out: Path) -> None:
+    """Write results.json whole or not at all: a crash or Ctrl-C mid-write keeps the last good file."""
+    target = out / RESULTS_FILE
+    staging = target.with_suffix(".json.partial")
+    staging.write_text(json.dumps(results, indent=1))
+    os.replace(staging, target)
+
+
+def load_results(out: Path) -> dict:
+    path = Path(out) / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidOptionError(f"cannot read {path}: {one_line(exc)}") from None
+    if not isinstance(results, dict) or results.get("version") != RESULTS_VERSION:
+        raise InvalidOptionError(f"{path} is not a tokenrecycle bench result (version {RESULTS_VERSION})")
+    return results

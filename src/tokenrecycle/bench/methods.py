@@ -1,0 +1,306 @@
+"""The decoding methods a benchmark compares, each behind one small interface: token ids in,
+token ids, time and accepted lengths out.
+
+- `ar`: plain greedy `model.generate` of transformers, the reference every method is checked against.
+- `plain`, `tr`, `tr-cold`: tokenrecycle on its default runner: one token per step, Token
+  Recycling with a table kept across requests (hot) or restarted per request from the prompt (cold).
+- `tr-hf`: Token Recycling on the transformers runner; `int4-plain`, `int4-tr`: the fast runner
+  with 4-bit weights (a model of its own, so checked against its own plain decoding).
+- `hf-pld`, `hf-assisted`: transformers' prompt lookup and assisted decoding (a draft model that
+  shares the tokenizer).
+- `llamacpp`, `llamacpp-pld`: llama.cpp plain greedy decoding of the same GGUF, and its prompt
+  lookup drafter, when llama-cpp-python is installed.
+
+Each method names its baseline: plain decoding on its own runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..drafters import Drafter
+from ..errors import TokenRecycleError
+from ..generator import Generator, plain_greedy_tokens
+from ..models import LoadedModel, load_model, resolve
+from ..runners import HFRunner
+
+BASE_METHODS = (
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr",
+    "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
+)  # fmt: skip
+DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
+TREE_METHODS = ("tr", "tr-cold", "tr-hf", "int4-tr")  # expanded once per tree asked for
+REFERENCE = "ar"
+
+
+class MethodUnavailable(TokenRecycleError):
+    """A method cannot run here (optional package missing, no draft model, no GGUF file)."""
+
+
+@dataclass
+class MethodRun:
+    token_ids: list[int]
+    seconds: float
+    accepted_lengths: list[int]  # tokens decided by each forward pass of the target, prefill first
+
+
+@dataclass
+class Method(ABC):
+    name: str
+    baseline: str | None  # plain decoding on the same runtime; None for the reference itself
+    description: str
+    settings: dict = field(default_factory=dict)
+
+    @abstractmethod
+    def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun: ...
+
+    @property
+    def drafter_bytes(self) -> int:
+        return 0
+
+
+@dataclass
+class TransformersMethod(Method):
+    """`model.generate`, greedy, with optional generation options (prompt lookup, assistant)."""
+
+    model: torch.nn.Module = None
+    eos_ids: set[int] = field(default_factory=set)
+    options: dict = field(default_factory=dict)
+
+    def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
+        cache_lengths: list[int] = []
+
+        def record_cache_length(module, args, kwargs):
+            cache = kwargs.get("past_key_values")
+            cache_lengths.append(cache.get_seq_length() if cache is not None else 0)
+
+        hook = self.model.register_forward_pre_hook(record_cache_length, with_kwargs=True)
+        try:
+            start = time.perf_counter()
+            tokens = plain_greedy_tokens(self.model, prompt_ids, max_new_tokens, self.eos_ids, **self.options)
+            seconds = time.perf_counter() - start
+        finally:
+            hook.remove()
+        return MethodRun(tokens, seconds, decided_per_call(cache_lengths, len(prompt_ids), len(tokens)))
+
+
+def decided_per_call(cache_lengths: list[int], prompt_tokens: int, new_tokens: int) -> list[int]:
+    """Tokens decided by each forward call of transformers' generate, from the cache length seen
+    at each call: before call i > 0 the cache holds all decided tokens but the newest one."""
+    decided_before = [prompt_tokens] + [length + 1 for length in cache_lengths[1:]] + [prompt_tokens + new_tokens]
+    return [after - before for before, after in zip(decided_before, decided_before[1:])]
+
+
+@dataclass
+class TokenRecyclingMethod(Method):
+    """tokenrecycle's own loop on a generator's runner, with a drafter of its own (None: plain)."""
+
+    generator: Generator = None
+    drafter: Drafter | None = None
+
+    def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
+        plain = self.drafter is None
+        result = self.generator.generate(prompt_ids, max_new_tokens, plain=plain, drafter=self.drafter)
+        return MethodRun(result.token_ids, result.seconds, result.accepted_lengths)
+
+    @property
+    def drafter_bytes(self) -> int:
+        return self.drafter.memory_bytes if self.drafter is not None else 0
+
+
+@dataclass
+class LlamaCppMethod(Method):
+    """llama.cpp greedy decoding through llama-cpp-python, fed the same token ids."""
+
+    llm: object = None
+    eos_ids: set[int] = field(default_factory=set)
+
+    def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
+        llm = self.llm
+        tokens: list[int] = []
+        tokens_at_eval: list[int] = []
+        evaluate = llm.eval
+
+        def counting_eval(batch):  # one call is one forward pass of the target
+            tokens_at_eval.append(len(tokens))
+            evaluate(batch)
+
+        llm.reset()  # no reuse of an earlier request's prefix: every method prefills in full
+        llm.eval = counting_eval
+        try:
+            start = time.perf_counter()
+            for token in llm.generate(prompt_ids.tolist(), top_k=1, temp=0.0, reset=True):
+                tokens.append(int(token))
+                if token in self.eos_ids or len(tokens) >= max_new_tokens:
+                    break
+            seconds = time.perf_counter() - start
+        finally:
+            del llm.eval
+        marks = tokens_at_eval + [len(tokens)]
+        return MethodRun(tokens, seconds, [b - a for a, b in zip(marks, marks[1:]) if b > a])
+
+
+class MethodFactory:
+    """Builds the methods of one dtype, loading each shared piece (model, runners, llama.cpp) once."""
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        draft_model: str | None = None,
+        pld_tokens: int = 10,
+        pld_ngram: int = 2,
+        llamacpp_pld_tokens: int = 10,
+    ):
+        self.model_spec = model
+        self.dtype = dtype
+        self.draft_model = draft_model
+        self.pld = {"prompt_lookup_num_tokens": pld_tokens, "max_matching_ngram_size": pld_ngram}
+        self.llamacpp_pld = {"num_pred_tokens": llamacpp_pld_tokens, "max_ngram_size": pld_ngram}
+
+    @cached_property
+    def generator(self) -> Generator:
+        return Generator(self.model_spec, dtype=self.dtype)
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self.generator.loaded
+
+    @cached_property
+    def hf_generator(self) -> Generator:
+        return Generator(self.loaded, dtype=self.generator.dtype, runner="hf")
+
+    @cached_property
+    def int4_generator(self) -> Generator:
+        if self.generator.dtype != "bfloat16":
+            raise MethodUnavailable("int4 weights need bfloat16 activations")
+        if self.generator.runner_name != "FastRunner":
+            raise MethodUnavailable("int4 weights need the fast runner, which does not run this model")
+        return Generator(self.model_spec, dtype="bfloat16", quantize="int4")
+
+    def cost_runners(self, methods: list[Method]) -> dict:
+        """The runners behind the methods, for the cost curve: the transformers runner always."""
+        runners = {"hf": HFRunner(self.loaded.model)}
+        if self.generator.runner_name != "HFRunner":
+            runners["fast"] = self.generator.runner
+        if any(m.name.startswith("int4") for m in methods):
+            runners["fast int4"] = self.int4_generator.runner
+        return runners
+
+    def build(self, base: str, tree: str | None = None, name: str | None = None) -> Method:
+        name = name or base
+        builder = getattr(self, "_" + base.replace("-", "_"), None)
+        if base not in BASE_METHODS or builder is None:
+            raise MethodUnavailable(f"unknown method '{base}' (known: {', '.join(BASE_METHODS)})")
+        return builder(name, tree) if base in TREE_METHODS else builder(name)
+
+    # ---- one builder per method --------------------------------------------------------------
+    def _ar(self, name):
+        return self._transformers(name, None, "transformers model.generate, greedy", {})
+
+    def _plain(self, name):
+        g = self.generator
+        return TokenRecyclingMethod(name, REFERENCE, f"tokenrecycle, one token per step ({g.runner_name})", generator=g)
+
+    def _tr(self, name, tree):
+        return self._recycling(name, self.generator, tree, hot=True, baseline="plain")
+
+    def _tr_cold(self, name, tree):
+        return self._recycling(name, self.generator, tree, hot=False, baseline="plain")
+
+    def _tr_hf(self, name, tree):
+        return self._recycling(name, self.hf_generator, tree, hot=True, baseline=REFERENCE)
+
+    def _int4_plain(self, name):
+        return TokenRecyclingMethod(
+            name, REFERENCE, "tokenrecycle, one token per step, int4 weights", {"quantize": "int4"},
+            generator=self.int4_generator,
+        )  # fmt: skip
+
+    def _int4_tr(self, name, tree):
+        return self._recycling(name, self.int4_generator, tree, hot=True, baseline="int4-plain")
+
+    def _hf_pld(self, name):
+        return self._transformers(name, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
+
+    def _hf_assisted(self, name):
+        if not self.draft_model:
+            raise MethodUnavailable("needs a draft model that shares the tokenizer (--draft-model)")
+        draft = load_model(self.draft_model, self.generator.dtype)
+        if draft.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
+            raise MethodUnavailable(f"draft model {self.draft_model} does not share the target's tokenizer")
+        return self._transformers(
+            name, REFERENCE, f"transformers assisted decoding, draft {self.draft_model}",
+            {"assistant_model": draft.model}, settings={"draft_model": self.draft_model},
+        )  # fmt: skip
+
+    def _llamacpp(self, name):
+        return self._llama(name, REFERENCE, "llama.cpp greedy decoding of the GGUF", {})
+
+    def _llamacpp_pld(self, name):
+        from_package = self._llama_cpp_module()
+        drafter = from_package.llama_speculative.LlamaPromptLookupDecoding(**self.llamacpp_pld)
+        # Speculative checks need the logits of every position, not only the last one.
+        options = {"draft_model": drafter, "logits_all": True}
+        method = self._llama(name, "llamacpp", "llama.cpp prompt lookup decoding", options)
+        method.settings.update(self.llamacpp_pld)
+        return method
+
+    # ---- shared pieces ---------------------------------------------------------------------
+    def _transformers(self, name, baseline, description, options, settings=None) -> TransformersMethod:
+        shown = {k: v for k, v in options.items() if isinstance(v, (int, float, str))}
+        return TransformersMethod(
+            name, baseline, description, settings or shown,
+            model=self.loaded.model, eos_ids=self.generator.eos_ids, options=options,
+        )  # fmt: skip
+
+    def _recycling(self, name, generator: Generator, tree, hot: bool, baseline: str) -> TokenRecyclingMethod:
+        drafter = generator.new_drafter(hot_start=hot, tree=tree)
+        tree_name = tree or generator.tree_name
+        start = "hot start (table kept across requests)" if hot else "cold start (table restarted per request)"
+        return TokenRecyclingMethod(
+            name, baseline, f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}",
+            {"tree": tree_name, "hot_start": hot, "topk": generator.topk, "runner": generator.runner_name},
+            generator=generator, drafter=drafter,
+        )  # fmt: skip
+
+    def _llama(self, name, baseline, description, options) -> LlamaCppMethod:
+        module = self._llama_cpp_module()
+        gguf = resolve(self.model_spec)
+        if gguf.suffix != ".gguf":
+            raise MethodUnavailable(f"llama.cpp needs a GGUF model, not {gguf}")
+        llm = module.Llama(
+            model_path=str(gguf), n_ctx=self.generator.runner.max_context, n_threads=torch.get_num_threads(),
+            verbose=False, **options,
+        )  # fmt: skip
+        settings = {"gguf": Path(gguf).name, "threads": torch.get_num_threads()}
+        return LlamaCppMethod(name, baseline, description, settings, llm=llm, eos_ids=self.generator.eos_ids)
+
+    @staticmethod
+    def _llama_cpp_module():
+        try:
+            import llama_cpp
+            import llama_cpp.llama_speculative  # noqa: F401
+        except ImportError:
+            raise MethodUnavailable("llama-cpp-python is not installed (make llamacpp)") from None
+        return llama_cpp
+
+
+def method_names(methods: list[str], trees: list[str] | None) -> list[tuple[str, str, str | None]]:
+    """(name, base method, tree) for each method asked for: tree methods once per tree, named
+    base@tree when several trees are compared."""
+    expanded = []
+    for base in methods:
+        if base in TREE_METHODS and trees:
+            for tree in trees:
+                expanded.append((base if len(trees) == 1 else f"{base}@{tree}", base, tree))
+        else:
+            expanded.append((base, base, None))
+    return expanded

@@ -1,0 +1,105 @@
+"""From per-prompt records to the numbers of a report. Pure functions over results.json's data.
+
+- tokens/s: per prompt the median over repeats; per category the median over prompts.
+- speedup: a method's median tokens/s over its baseline's (plain decoding on its own runtime),
+  in the same category: the ratio of the medians.
+- MAT: new tokens over forward passes of the target, summed over prompts (prefill included).
+- identical: share of prompts whose token ids equal the baseline's; first divergence: the mean
+  index of the first differing token over the prompts that differ.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+OVERALL = "overall"
+
+
+@dataclass
+class MethodStats:
+    prompts: int = 0
+    failed: int = 0
+    tokens_per_s: float = float("nan")
+    speedup: float = float("nan")  # against the method's baseline
+    vs_reference: float = float("nan")  # against the reference (transformers' model.generate)
+    mat: float = float("nan")
+    identical: float = float("nan")
+    first_divergence: float = float("nan")
+    peak_rss_bytes: int = 0
+    seconds: float = 0.0
+    accepted: dict[int, int] = field(default_factory=dict)  # accepted length -> forward passes
+
+
+def categories(section: dict) -> list[str]:
+    return list(dict.fromkeys(r["category"] for r in section["records"]))
+
+
+def baseline_of(section: dict, method: str) -> str | None:
+    """The method's own baseline where it ran, else the reference; None for the reference."""
+    info = section["methods"][method]
+    if info["baseline"] is None:
+        return None
+    return info["baseline"] if info["baseline"] in section["methods"] else reference_of(section)
+
+
+def reference_of(section: dict) -> str:
+    return next(name for name, info in section["methods"].items() if info["baseline"] is None)
+
+
+def summarize(section: dict) -> dict[str, dict[str, MethodStats]]:
+    """stats[method][category], with OVERALL over all prompts."""
+    groups = {c: [r for r in section["records"] if r["category"] == c] for c in categories(section)}
+    groups[OVERALL] = section["records"]
+    stats = {m: {c: group_stats([r for r in rs if r["method"] == m]) for c, rs in groups.items()} for m in section["methods"]}
+    reference = reference_of(section)
+    for method in section["methods"]:
+        baseline = baseline_of(section, method)
+        for category, records in groups.items():
+            own = stats[method][category]
+            if baseline is not None:
+                own.speedup = ratio(own.tokens_per_s, stats[baseline][category].tokens_per_s)
+                own.identical, own.first_divergence = exactness(records, method, baseline)
+            own.vs_reference = ratio(own.tokens_per_s, stats[reference][category].tokens_per_s)
+    return stats
+
+
+def group_stats(records: list[dict]) -> MethodStats:
+    ok = [r for r in records if r["status"] == "ok"]
+    stats = MethodStats(prompts=len(ok), failed=len(records) - len(ok))
+    if not ok:
+        return stats
+    stats.tokens_per_s = statistics.median(r["tokens_per_s"] for r in ok)
+    stats.mat = sum(r["new_tokens"] for r in ok) / sum(len(r["accepted_lengths"]) for r in ok)
+    stats.accepted = dict(sorted(Counter(n for r in ok for n in r["accepted_lengths"]).items()))
+    stats.peak_rss_bytes = max(r["peak_rss_bytes"] for r in ok)
+    stats.seconds = sum(sum(r["seconds"]) for r in ok)
+    return stats
+
+
+def exactness(records: list[dict], method: str, baseline: str) -> tuple[float, float]:
+    """Share of prompts with token ids identical to the baseline's, and the mean first divergence."""
+    outputs = {(r["question_id"], r["turn"]): r["token_ids"] for r in records if r["method"] == baseline and r["status"] == "ok"}
+    pairs = [
+        (r["token_ids"], outputs[key])
+        for r in records
+        if r["method"] == method and r["status"] == "ok" and (key := (r["question_id"], r["turn"])) in outputs
+    ]
+    if not pairs:
+        return float("nan"), float("nan")
+    divergences = [first_difference(a, b) for a, b in pairs]
+    differing = [d for d in divergences if d is not None]
+    return 1 - len(differing) / len(pairs), statistics.mean(differing) if differing else float("nan")
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where the two outputs differ (None when equal)."""
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return index
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and b == b and a == a else float("nan")

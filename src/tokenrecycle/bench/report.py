@@ -1,0 +1,160 @@
+"""report.md and the plots, rebuilt from results.json alone (`tokenrecycle bench --render DIR`).
+
+One part per dtype, laid out like the Token Recycling paper's table: speedup per category, then
+MAT, tokens/s and the overall speedup; then the details (exactness, memory, failures), the
+distribution of accepted lengths and the runners' cost curves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .harness import load_results
+from .metrics import OVERALL, MethodStats, baseline_of, categories, summarize
+from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups
+
+REPORT_FILE = "report.md"
+MIB = 1 << 20
+
+
+def render(out: str | Path) -> Path:
+    """Write report.md and the PNG plots of a results directory; return the report's path."""
+    out = Path(out)
+    results = load_results(out)
+    parts = [header(results)]
+    for section in results["sections"]:
+        if not section["records"]:
+            continue
+        stats = summarize(section)
+        dtype = section["dtype"]
+        plots = [
+            plot_speedups(section, stats, out / f"speedup_{dtype}.png"),
+            plot_accepted_lengths(section, stats, out / f"accepted_{dtype}.png"),
+            plot_cost_curves(section, out / f"cost_{dtype}.png"),
+        ]
+        parts.append(section_report(section, stats, [p for p in plots if p is not None]))
+    path = out / REPORT_FILE
+    path.write_text("\n\n".join(parts) + "\n")
+    return path
+
+
+def header(results: dict) -> str:
+    machine, settings = results["machine"], results["settings"]
+    status = "" if results["status"] == "complete" else f"\n\n**Partial run ({results['status']}).**"
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    return (
+        f"# tokenrecycle bench: {settings['model']}{status}\n\n"
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} threads; {versions}\n"
+        f"- Prompts: {settings['questions']} questions ({settings['turns']} turns) from {settings['question_source']}; "
+        f"categories: {', '.join(settings['categories'])}\n"
+        f"- Greedy decoding, up to {settings['max_new_tokens']} new tokens per turn, {settings['repeats']} repeat(s), "
+        f"{settings['warm_up']} warm-up prompts; methods interleaved per prompt in rotating order; started {results['started']}\n"
+        "- tokens/s: median over prompts. Speedup: ratio of a method's median tokens/s to its baseline's "
+        "(plain decoding on its own runtime). MAT: new tokens per forward pass of the target, prefill included."
+    )
+
+
+def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], plots: list[Path]) -> str:
+    parts = [
+        f"## {section['dtype']} ({section['dtype_reason']}; runner {section['runner']}, default tree {section['default_tree']})",
+        "### Speedup by category, MAT, tokens/s and overall speedup\n\n" + paper_table(section, stats),
+        "### Details (all prompts)\n\n" + details_table(section, stats),
+        "### MAT by category\n\n" + category_table(section, stats, lambda s: fmt(s.mat)),
+        "### Tokens/s by category (median)\n\n" + category_table(section, stats, lambda s: fmt(s.tokens_per_s, 1)),
+        "### Accepted tokens per forward pass (share of passes)\n\n" + accepted_table(stats),
+    ]
+    if section["cost_curves"]:
+        parts.append("### Runner cost: ms for one forward pass of n tree tokens on 256 cached tokens (ratio to n=1)\n\n" + cost_table(section["cost_curves"]))
+    parts.append(methods_list(section))
+    parts += [f"![{p.stem}]({p.name})" for p in plots]
+    failures = failure_list(section)
+    if failures:
+        parts.append(failures)
+    return "\n\n".join(parts)
+
+
+def paper_table(section: dict, stats) -> str:
+    cats = categories(section)
+    rows = [["method", *cats, "MAT", "tokens/s", "overall speedup"]]
+    for method in section["methods"]:
+        overall = stats[method][OVERALL]
+        rows.append([method, *(fmt_x(stats[method][c].speedup) for c in cats), fmt(overall.mat), fmt(overall.tokens_per_s, 1), fmt_x(overall.speedup)])
+    return markdown(rows)
+
+
+def details_table(section: dict, stats) -> str:
+    rows = [[
+        "method", "baseline", "tokens/s", "speedup", "vs model.generate", "MAT", "identical to baseline",
+        "first divergence (mean token)", "peak RSS MiB", "memory added MiB", "drafter bytes", "wall s", "failed",
+    ]]  # fmt: skip
+    for method, info in section["methods"].items():
+        s = stats[method][OVERALL]
+        rows.append([
+            method, baseline_of(section, method) or "(reference)", fmt(s.tokens_per_s, 1), fmt_x(s.speedup),
+            fmt_x(s.vs_reference), fmt(s.mat), fmt_share(s.identical), fmt(s.first_divergence, 1),
+            f"{s.peak_rss_bytes / MIB:.0f}", f"{info['memory_added_bytes'] / MIB:.0f}", str(info.get("drafter_bytes", 0)),
+            f"{s.seconds:.1f}", str(s.failed),
+        ])  # fmt: skip
+    return markdown(rows)
+
+
+def category_table(section: dict, stats, cell) -> str:
+    cats = [*categories(section), OVERALL]
+    return markdown([["method", *cats]] + [[m, *(cell(stats[m][c]) for c in cats)] for m in section["methods"]])
+
+
+def accepted_table(stats) -> str:
+    longest = max((max(s[OVERALL].accepted, default=1) for s in stats.values()), default=1)
+    rows = [["method", *(str(n) for n in range(1, longest + 1))]]
+    for method, by_category in stats.items():
+        counts = by_category[OVERALL].accepted
+        total = sum(counts.values()) or 1
+        rows.append([method, *(f"{counts.get(n, 0) / total:.0%}" if counts.get(n) else "" for n in range(1, longest + 1))])
+    return markdown(rows)
+
+
+def cost_table(curves: dict[str, dict[str, float]]) -> str:
+    sizes = list(next(iter(curves.values())))
+    rows = [["runner", *(f"n={n}" for n in sizes)]]
+    for runner, costs in curves.items():
+        one = costs[sizes[0]]
+        rows.append([runner, f"{one:.1f} ms", *(f"{costs[n]:.1f} ({costs[n] / one:.2f})" for n in sizes[1:])])
+    return markdown(rows)
+
+
+def methods_list(section: dict) -> str:
+    lines = ["### Methods"]
+    for method, info in section["methods"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in info["settings"].items())
+        warning = f" **Warm-up failed: {info['warm_up_error']}**" if info.get("warm_up_error") else ""
+        lines.append(f"- `{method}`: {info['description']}" + (f" ({settings})" if settings else "") + warning)
+    lines += [f"- `{method}`: not run: {reason}" for method, reason in section["unavailable"].items()]
+    return "\n".join(lines)
+
+
+def failure_list(section: dict, shown: int = 20) -> str:
+    failed = [r for r in section["records"] if r["status"] != "ok"]
+    if not failed:
+        return ""
+    lines = [f"### Failures ({len(failed)})"]
+    lines += [f"- `{r['method']}` on {r['category']} {r['question_id']} turn {r['turn'] + 1}: {r['error']}" for r in failed[:shown]]
+    if len(failed) > shown:
+        lines.append(f"- ... and {len(failed) - shown} more in results.json")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"
+
+
+def fmt_x(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}x"
+
+
+def fmt_share(value: float) -> str:
+    return "n/a" if value != value else f"{value:.0%}"
