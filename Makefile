@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 PROMPT ?= Explain in three sentences why the sky is blue.
 
 .PHONY: run test bench bench-runners llamacpp install clean
+BENCH_ARGS ?=
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +27,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Default prompts: MT-Bench and HumanEval from installed packages; BENCH_ARGS adds options, e.g.
+# BENCH_ARGS="--questions ../shared/data/spec_bench/question.jsonl --per-category 10 --dtype bfloat16 float32"
 bench: $(STAMP)
-	$(PY) scripts/bench_core.py
+	$(VENV)/bin/tokenrecycle bench $(BENCH_ARGS)
 
 # Optional: llama.cpp for the comparison rows. It compiles (about 4 minutes on 2 cores). Native
 # builds crash on some AVX-512 CPUs in the AMX path for Q4 weights, hence these flags.
@@ -35,8 +38,9 @@ LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_
 llamacpp: $(STAMP)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q -e '.[llamacpp]'
 
+# Both runners, int4 weights and llama.cpp side by side (issue 4's comparison).
 bench-runners: $(STAMP)
-	$(PY) scripts/bench_runners.py --int4
+	$(VENV)/bin/tokenrecycle bench --dtype bfloat16 --methods ar,plain,tr,tr-hf,int4-plain,int4-tr,llamacpp --out bench-results/runners $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

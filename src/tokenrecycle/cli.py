@@ -56,8 +56,10 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median counts")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--draft-model", default=None, help="draft model for hf-assisted (must share the tokenizer)")
-    bench.add_argument("--pld-tokens", type=int, default=10, help="prompt lookup: tokens proposed per step (transformers and llama.cpp)")
-    bench.add_argument("--pld-ngram", type=int, default=2, help="prompt lookup: longest n-gram matched")
+    # Defaults: the best of a sweep on Spec-Bench prompts here (docs/bench/pld_sweep.md).
+    bench.add_argument("--pld-tokens", type=int, default=5, help="transformers prompt lookup: tokens proposed per step")
+    bench.add_argument("--llamacpp-pld-tokens", type=int, default=3, help="llama.cpp prompt lookup: tokens proposed per step")
+    bench.add_argument("--pld-ngram", type=int, default=2, help="prompt lookup: longest n-gram matched (both)")
     bench.add_argument("--warm-up", type=int, default=3, help="warm-up prompts per method (at most 3)")
     bench.add_argument("--no-cost-curve", action="store_true", help="skip measuring the runners' forward time against tree size")
     bench.add_argument("--out", default="bench-results", help="directory for results.json, report.md and plots")
@@ -165,13 +167,14 @@ def run_bench(args: argparse.Namespace) -> int:
         draft_model=args.draft_model,
         pld_tokens=args.pld_tokens,
         pld_ngram=args.pld_ngram,
+        llamacpp_pld_tokens=args.llamacpp_pld_tokens,
         warm_up=args.warm_up,
         cost_curve=not args.no_cost_curve,
     )
-    try:
-        run_bench(config)
-    except KeyboardInterrupt:
-        print(f"tokenrecycle: interrupted; partial results in {config.out}", file=sys.stderr)
+    results = run_bench(config)
+    measured = any(section["records"] for section in results["sections"])
+    if results["status"] == "interrupted":
+        print(f"tokenrecycle: interrupted; {f'partial results in {config.out}' if measured else 'nothing measured yet'}", file=sys.stderr)
         return 130
     print(Path(config.out) / "report.md")
     return 0

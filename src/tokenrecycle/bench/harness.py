@@ -54,8 +54,9 @@ class BenchConfig:
     max_new_tokens: int = 128
     repeats: int = 1
     draft_model: str | None = None
-    pld_tokens: int = 10
+    pld_tokens: int = 5
     pld_ngram: int = 2
+    llamacpp_pld_tokens: int = 3
     warm_up: int = len(WARM_UP_PROMPTS)
     cost_curve: bool = True
     progress: bool = True
@@ -78,11 +79,11 @@ class BenchConfig:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Run every dtype section; write results.json (after each question) and the report."""
+    """Run every dtype section; write results.json (after each question) and the report.
+    Ctrl-C ends the run early: what was measured is kept, with status "interrupted"."""
     from .report import render  # matplotlib is imported only when a report is drawn
 
     config.check()
-    config.out.mkdir(parents=True, exist_ok=True)
     results = {
         "version": RESULTS_VERSION,
         "status": "running",
@@ -98,11 +99,11 @@ def run_bench(config: BenchConfig) -> dict:
         results["status"] = "complete"
     except KeyboardInterrupt:
         results["status"] = "interrupted"
-        raise
     finally:
         progress.close()
-        save_results(results, config.out)
+        # Nothing is written before the first measurement: a bad option leaves no file behind.
         if any(section["records"] for section in results["sections"]):
+            save_results(results, config.out)
             render(config.out)
     return results
 
@@ -120,7 +121,9 @@ def settings_of(config: BenchConfig) -> dict:
 
 def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchProgress) -> None:
     start = time.perf_counter()
-    factory = MethodFactory(config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram)
+    factory = MethodFactory(
+        config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram, config.llamacpp_pld_tokens
+    )
     before = current_rss_bytes()
     generator = factory.generator
     section = {
@@ -271,6 +274,7 @@ def one_line(exc: BaseException) -> str:
 
 def save_results(results: dict, out: Path) -> None:
     """Write results.json whole or not at all: a crash or Ctrl-C mid-write keeps the last good file."""
+    out.mkdir(parents=True, exist_ok=True)
     target = out / RESULTS_FILE
     staging = target.with_suffix(".json.partial")
     staging.write_text(json.dumps(results, indent=1))

@@ -155,9 +155,9 @@ class MethodFactory:
         model: str,
         dtype: str,
         draft_model: str | None = None,
-        pld_tokens: int = 10,
+        pld_tokens: int = 5,
         pld_ngram: int = 2,
-        llamacpp_pld_tokens: int = 10,
+        llamacpp_pld_tokens: int = 3,
     ):
         self.model_spec = model
         self.dtype = dtype
@@ -245,8 +245,8 @@ class MethodFactory:
         return self._llama(name, REFERENCE, "llama.cpp greedy decoding of the GGUF", {})
 
     def _llamacpp_pld(self, name):
-        from_package = self._llama_cpp_module()
-        drafter = from_package.llama_speculative.LlamaPromptLookupDecoding(**self.llamacpp_pld)
+        module = self._llama_cpp_module()
+        drafter = module.llama_speculative.LlamaPromptLookupDecoding(**self.llamacpp_pld)
         # Speculative checks need the logits of every position, not only the last one.
         options = {"draft_model": drafter, "logits_all": True}
         method = self._llama(name, "llamacpp", "llama.cpp prompt lookup decoding", options)

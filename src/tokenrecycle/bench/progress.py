@@ -18,7 +18,7 @@ class BenchProgress:
         self.enabled = enabled
         self.total = 0
         self.done = 0
-        self.started = time.perf_counter()
+        self.started: float | None = None  # set by the first run: loading and warm-up are not in the ETA
         self._last_log = 0.0
         self._bar: Progress | None = None
         if enabled and sys.stderr.isatty():
@@ -37,6 +37,8 @@ class BenchProgress:
 
     def advance(self, description: str) -> None:
         """Called as a run starts; the count is of runs started, the last one still going."""
+        if self.started is None:
+            self.started = time.perf_counter()
         if self.done and self._bar:
             self._bar.update(self._task, advance=1, description=description)
         elif self._bar:
@@ -60,7 +62,7 @@ class BenchProgress:
             self._bar.stop()
 
     def _elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return time.perf_counter() - self.started if self.started is not None else 0.0
 
     def _eta(self) -> str:
         if self.done < 2 or not self.total:

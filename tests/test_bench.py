@@ -1,0 +1,229 @@
+"""`tokenrecycle bench` end to end on tiny random models with SmolLM2's tokenizer, and its pieces."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from tokenrecycle.bench import default_questions, per_category, read_questions
+from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun, decided_per_call
+from tokenrecycle.bench.metrics import OVERALL, first_difference, summarize
+from tokenrecycle.bench.questions import BenchInputError
+from tokenrecycle.cli import main
+from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
+    {"question_id": 2, "category": "writing", "turns": ["Describe a zebra in one sentence."]},
+    {"question_id": 3, "category": "coding", "turns": ["Write a Python function that adds two numbers."]},
+    {"question_id": 4, "category": "coding", "turns": ["def fib(n):\n    # complete this function"]},
+]
+OUTPUTS = ("results.json", "report.md", "speedup_float32.png", "accepted_float32.png", "cost_float32.png")
+
+
+def save_tiny_llama(path, tokenizer, layers: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_hidden_layers=layers, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A tiny target and a tiny draft that share SmolLM2's tokenizer (and its chat template)."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
+    root = tmp_path_factory.mktemp("tiny")
+    return save_tiny_llama(root / "target", tokenizer, 2, 0), save_tiny_llama(root / "draft", tokenizer, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def question_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("questions") / "question.jsonl"
+    path.write_text("\n".join(json.dumps(q) for q in QUESTIONS) + "\n")
+    return path
+
+
+@dataclass
+class FailingMethod(Method):
+    """Fails on prompts that mention `word`, succeeds (one token) elsewhere."""
+
+    word: str = "zebra"
+    tokenizer: object = None
+    exception: type = RuntimeError
+
+    def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
+        if self.word in self.tokenizer.decode(prompt_ids.tolist()):
+            raise self.exception(f"boom on the {self.word}")
+        return MethodRun([0], 0.01, [1])
+
+
+def install_failing(monkeypatch, word: str, exception=RuntimeError):
+    """The tr-hf slot builds a FailingMethod instead."""
+
+    def build(factory, name, tree):
+        return FailingMethod(name, "ar", "fails on purpose", word=word, tokenizer=factory.loaded.tokenizer, exception=exception)
+
+    monkeypatch.setattr(MethodFactory, "_tr_hf", build)
+
+
+def bench_args(tiny_pair, question_file, out, methods="ar,plain,tr,tr-cold,hf-pld,hf-assisted,tr-hf"):
+    target, draft = tiny_pair
+    return [
+        "bench", "--model", target, "--draft-model", draft, "--questions", str(question_file),
+        "--dtype", "float32", "--max-new-tokens", "12", "--methods", methods, "--out", str(out), "--warm-up", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_pair, question_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        install_failing(monkeypatch, "zebra")
+        assert main(bench_args(tiny_pair, question_file, out)) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_output_is_written(bench_run):
+    out, results = bench_run
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "report.md").read_text()
+    for heading in ("Speedup by category", "Details", "MAT by category", "Tokens/s by category", "Accepted tokens", "Runner cost", "Methods", "Failures"):
+        assert heading in report
+    for method in ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "tr-hf"):
+        assert f"| {method} |" in report
+    assert results["status"] == "complete"
+    assert results["machine"]["cpu"] and results["machine"]["versions"]["torch"]
+
+
+def test_a_failing_method_is_recorded_and_the_run_goes_on(bench_run):
+    _, results = bench_run
+    records = results["sections"][0]["records"]
+    failing = [r for r in records if r["method"] == "tr-hf"]
+    assert [r["status"] for r in failing] == ["ok", "ok", "failed", "ok", "ok"]
+    assert "boom on the zebra" in failing[2]["error"]
+    assert all(r["status"] == "ok" for r in records if r["method"] != "tr-hf")
+
+
+def test_second_turn_follows_the_first_answer(bench_run):
+    _, results = bench_run
+    records = [r for r in results["sections"][0]["records"] if r["question_id"] == "1" and r["method"] == "ar"]
+    assert [r["turn"] for r in records] == [0, 1]
+    assert records[1]["prompt_tokens"] > records[0]["prompt_tokens"]
+
+
+def test_numbers_are_consistent(bench_run):
+    _, results = bench_run
+    section = results["sections"][0]
+    stats = summarize(section)
+    ok = [r for r in section["records"] if r["status"] == "ok"]
+    for record in ok:  # every method accounts for each new token in exactly one forward pass
+        assert sum(record["accepted_lengths"]) == record["new_tokens"] == len(record["token_ids"])
+        assert record["tokens_per_s"] == pytest.approx(record["new_tokens"] / record["seconds"][0])
+    for method, info in section["methods"].items():
+        mine = [r for r in ok if r["method"] == method]
+        median = statistics.median(r["tokens_per_s"] for r in mine)
+        assert stats[method][OVERALL].tokens_per_s == pytest.approx(median)
+        mat = sum(r["new_tokens"] for r in mine) / sum(len(r["accepted_lengths"]) for r in mine)
+        assert stats[method][OVERALL].mat == pytest.approx(mat)
+        baseline = info["baseline"] or method
+        theirs = statistics.median(r["tokens_per_s"] for r in ok if r["method"] == baseline)
+        assert stats[method][OVERALL].speedup == pytest.approx(median / theirs)
+    report = (bench_run[0] / "report.md").read_text()
+    tr = stats["tr"][OVERALL]
+    assert f"| tr | plain | {tr.tokens_per_s:.1f} | {tr.speedup:.2f}x |" in report
+
+
+def test_tokenrecycle_methods_are_lossless_in_float32(bench_run):
+    _, results = bench_run
+    section = results["sections"][0]
+    stats = summarize(section)
+    for method in ("plain", "tr", "tr-cold"):
+        assert stats[method][OVERALL].identical == 1.0, method
+    drafting = [r for r in section["records"] if r["method"] == "tr"]
+    assert all(len(r["accepted_lengths"]) <= r["new_tokens"] for r in drafting)
+
+
+def test_render_reproduces_the_report(bench_run, tmp_path):
+    out, _ = bench_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.json").write_text((out / "results.json").read_text())
+    assert main(["bench", "--render", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (out / "report.md").read_text()
+    for name in OUTPUTS:
+        assert (copy / name).is_file()
+
+
+def test_ctrl_c_leaves_a_valid_partial_result(tiny_pair, question_file, tmp_path, monkeypatch):
+    install_failing(monkeypatch, "zebra", KeyboardInterrupt)
+    assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf")) == 130
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    assert {r["question_id"] for r in results["sections"][0]["records"]} == {"1"}  # question 2 was cut short
+    assert "Partial run (interrupted)" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "ar,warp-drive"], "unknown method 'warp-drive'"),
+        (["--methods", "ar,llamacpp"], "method llamacpp:"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--per-category", "0"], "--per-category must be at least 1"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny_pair, question_file, tmp_path, capsys, extra, message):
+    assert main(bench_args(tiny_pair, question_file, tmp_path) + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results.json").exists()  # nothing half-written
+
+
+def test_unreadable_question_files(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert main(["bench", "--questions", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot read question file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "category": "x", "turns": ["hi"]}\n{"question_id": 2, "turns": ["no category"]}\n')
+    with pytest.raises(BenchInputError, match=r"bad.jsonl:2: .*missing field 'category'"):
+        read_questions(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(BenchInputError, match=r"bad.jsonl:1: not a Spec-Bench question"):
+        read_questions(bad)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_default_questions_come_from_installed_packages():
+    questions = default_questions()
+    categories = {q.category for q in questions}
+    assert {"writing", "coding", "humaneval"} <= categories
+    assert sum(q.category != "humaneval" for q in questions) == 80
+    assert all(len(q.turns) == 2 for q in questions if q.category != "humaneval")
+    chosen = per_category(questions, 2)
+    assert len(chosen) == 2 * len(categories)
+    assert [q.question_id for q in chosen[:2]] == [q.question_id for q in questions[:2]]
+
+
+def test_decided_per_call_from_cache_lengths():
+    assert decided_per_call([0, 5, 6, 7], prompt_tokens=5, new_tokens=4) == [1, 1, 1, 1]
+    # prompt lookup: the prefill also verified candidates; later passes accepted several tokens
+    assert decided_per_call([0, 45, 46, 51], prompt_tokens=45, new_tokens=10) == [1, 1, 5, 3]
+
+
+def test_first_difference():
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
