@@ -22,7 +22,7 @@ from tokenrecycle.models import resolve
 
 
 def run_cli(capsys, *args):
-    code = main(["generate", *args])
+    code = main(["generate", "--no-tune", *args])  # tuning on first use is tested in test_tuning.py
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -143,9 +143,10 @@ def test_api_raises_typed_errors(smollm2):
         smollm2.set_tree([[0], [5, 0]])
 
 
-def test_tree_names(smollm2):
+def test_tree_names(smollm2, monkeypatch):
     smollm2.set_tree([])
     assert smollm2.tree_name == "custom" and smollm2.template.num_nodes == 0
+    monkeypatch.setattr("tokenrecycle.generator.load_profile", lambda generator: None)  # not tuned here
     smollm2.set_tree(None)
     assert smollm2.tree_name == "tr4" and smollm2.template.num_nodes == 4  # the float32 default
     with pytest.raises(ModelNotFoundError):

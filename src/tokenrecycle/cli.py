@@ -27,20 +27,30 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     gen = commands.add_parser("generate", help="generate an answer to a prompt, streamed")
     gen.add_argument("prompt", help="the prompt (instruct models get their chat template)")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="bundled name (smollm2, gemma3-270m), .gguf file or model directory")
+    add_model_options(gen)
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
-    gen.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
-    gen.add_argument("--quantize", choices=["int4"], default=None, help="int4: 4-bit weights in groups of 32 (a model of its own; needs bfloat16 and the fast runner)")
-    gen.add_argument("--tree", default=None, help=f"named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or JSON file of rank paths; default by dtype")
-    gen.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
+    gen.add_argument("--tree", default="auto", help=f"auto (default: the tree tuned for this machine, tuned on first use), adaptive (starts there and follows each request's acceptance), a named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or a JSON file of rank paths")
+    gen.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile yet: use the static default tree instead of tuning")
+    gen.add_argument("--tune-seconds", type=float, default=60.0, help="time for tuning on first use")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
+    tune = commands.add_parser("tune", help="measure this machine and choose the draft tree --tree auto uses")
+    add_model_options(tune)
+    tune.add_argument("--seconds", type=float, default=60.0, help="about how long to measure")
+    tune.add_argument("--show", action="store_true", help="print the saved profile; measure nothing")
     add_bench_parser(commands)
     return parser
+
+
+def add_model_options(parser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled name (smollm2, gemma3-270m), .gguf file or model directory")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
+    parser.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
+    parser.add_argument("--quantize", choices=["int4"], default=None, help="int4: 4-bit weights in groups of 32 (a model of its own; needs bfloat16 and the fast runner)")
+    parser.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
 
 
 def add_bench_parser(commands) -> None:
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad option already reported in one line
         return int(exit_request.code or 0)
     try:
-        return run_bench(args) if args.command == "bench" else run_generate(args)
+        commands = {"generate": run_generate, "tune": run_tune, "bench": run_bench}
+        return commands[args.command](args)
     except TokenRecycleError as exc:
         print(f"tokenrecycle: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -89,15 +100,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .generator import Generator  # imports torch and transformers: not needed for --help
-
     if not args.prompt.strip():
         raise InvalidOptionError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    generator = Generator(
-        args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk, quantize=args.quantize
-    )
+    generator = load_generator(args, args.tree)
+    if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
+        print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune skips)", file=sys.stderr)
+        tune_with_progress(generator, args.tune_seconds)
     chat = False if args.no_chat else None
     generator.check_fits(generator.encode(args.prompt, chat), args.max_new_tokens)
     if args.table and Path(args.table).exists():
@@ -118,6 +128,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "runner": generator.runner_name,
         "quantize": args.quantize,
         "tree": generator.tree_name,
+        "tree_reason": generator.tree_reason,
         "drafter_bytes": generator.drafter.memory_bytes,
         **result.to_dict(),
     }
@@ -145,6 +156,39 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def load_generator(args: argparse.Namespace, tree: str):
+    from .generator import Generator  # imports torch and transformers: not needed for --help
+
+    return Generator(args.model, dtype=args.dtype, runner=args.runner, tree=tree, topk=args.topk, quantize=args.quantize)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from .tuning import load_profile, profile_path
+
+    generator = load_generator(args, "none")
+    profile = load_profile(generator) if args.show else tune_with_progress(generator, args.seconds)
+    if profile is None:
+        raise InvalidOptionError("no tuning profile for this setup yet (run tokenrecycle tune)")
+    costs = profile.mean_cost_ms
+    print(f"{generator.dtype} · {generator.runner_name} · {profile_path(profile.key)}")
+    print("forward ms by tree tokens: " + ", ".join(f"{n}: {ms:.1f}" for n, ms in costs.items()))
+    print(f"chosen tree: {profile.summary()}")
+    print(json.dumps([list(p) for p in profile.plan.paths]))
+    return 0
+
+
+def tune_with_progress(generator, seconds: float):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if seconds <= 0:
+        raise InvalidOptionError(f"the tuning time must be positive, got {seconds}")
+    columns = TextColumn("tuning: {task.description:<32}"), BarColumn(), TimeRemainingColumn()
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=1.0)
+        return generator.tune(seconds, lambda fraction, text: bar.update(task, completed=fraction, description=text))
 
 
 def run_bench(args: argparse.Namespace) -> int:

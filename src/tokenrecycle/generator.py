@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .decoding import speculative_greedy
-from .drafters import Drafter, PlainDrafter, TokenRecyclingDrafter
+from .drafters import AdaptiveTreeDrafter, Drafter, PlainDrafter, TokenRecyclingDrafter
 from .errors import EmptyPromptError, InvalidOptionError, InvalidTemplateError, PromptTooLongError
 from .hardware import auto_dtype
 from .models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
@@ -21,12 +21,18 @@ from .runners import RUNNERS, make_runner
 from .templates import TEMPLATES
 from .text import OutputAssembler
 from .trees import CompiledTree, compile_template, rank_budget_template
+from . import tuning
+from .tuning import load_profile
 
 QUANTIZE = (None, "int4")  # weight formats beside the dtype's own
 
 # What a prompt may be: text (a user turn), chat messages ({"role", "content"} dicts, for
 # multi-turn conversations) or token ids already encoded.
 Prompt = str | Sequence[dict] | np.ndarray
+
+AUTO = "auto"  # the tree tuned for this machine (tokenrecycle tune), else the static default below
+ADAPTIVE = "adaptive"  # starts from the tuned tree and follows each request's acceptance
+TUNED = (AUTO, ADAPTIVE)  # trees that come from the tuning profile
 
 # Chosen by measured sweeps on MT-Bench prompts (2-core AVX-512-BF16 CPU): each extra tree token
 # costs more in float32 than in bfloat16, so the float32 tree is smaller, and int4 matrix kernels
@@ -93,7 +99,7 @@ class Generator:
         *,
         dtype: str = "auto",
         runner: str = "auto",
-        tree: str | Sequence[Sequence[int]] | None = None,
+        tree: str | Sequence[Sequence[int]] | None = AUTO,
         topk: int = 8,
         hot_start: bool = True,
         quantize: str | None = None,
@@ -115,8 +121,8 @@ class Generator:
             raise InvalidOptionError(f"quantize={quantize} needs the fast runner, not runner=hf")
         if quantize is not None and dtype != "bfloat16":
             raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
-        tree = tree if tree is not None else default_tree(dtype, quantize)
-        choice = resolve_tree(tree, topk)
+        tree = AUTO if tree is None else tree
+        choice = None if tree in TUNED else resolve_tree(tree, topk)  # a bad tree fails before the load
         if isinstance(model, LoadedModel) and model.dtype != dtype:
             raise InvalidOptionError(f"the loaded model is {model.dtype}, not {dtype}")
         # A LoadedModel is shared, not copied: several generators (runners, trees) over one model.
@@ -129,23 +135,53 @@ class Generator:
         self.runner_name = type(self.runner).__name__
         self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.hot_start = hot_start
-        self._install_drafter(tree, choice, topk)
+        self.topk = topk
+        self._install_drafter(tree, choice)
 
-    def set_tree(self, tree: str | Sequence[Sequence[int]] | None, topk: int = 8) -> None:
-        """Switch to another tree (named, file or paths; None for the dtype's default); the table starts empty."""
-        tree = tree if tree is not None else default_tree(self.dtype, self.quantize)
-        self._install_drafter(tree, resolve_tree(tree, topk), topk)
+    def set_tree(self, tree: str | Sequence[Sequence[int]] | None = AUTO, topk: int | None = None) -> None:
+        """Switch to another tree (named, dynN, file or paths; auto or None for the tuned or default
+        tree); the table starts empty."""
+        self.topk = topk or self.topk
+        tree = AUTO if tree is None else tree
+        self._install_drafter(tree, None if tree in TUNED else resolve_tree(tree, self.topk))
 
-    def _install_drafter(self, tree, choice: TreeChoice, topk: int) -> None:
+    def _install_drafter(self, tree, choice: TreeChoice | None) -> None:
+        self.tree_reason = "asked for"
+        if tree in TUNED:
+            tree, choice, self.tree_reason = self._tuned_tree(tree)
         self.tree_name = tree if isinstance(tree, str) else "custom"
         self.template = choice.template
-        self.topk = topk
+        self._budget = choice.budget
         self.drafter = self.new_drafter(hot_start=self.hot_start)
+
+    def _tuned_tree(self, tree: str) -> tuple[str, TreeChoice, str]:
+        """This machine's tuned tree, or the static default for the dtype when there is no profile."""
+        profile = load_profile(self)
+        if profile is None:
+            static = default_tree(self.dtype, self.quantize)
+            reason = "static default: no tuning profile for this setup yet (run tokenrecycle tune)"
+            return static, resolve_tree(static, self.topk), reason
+        paths = [p for p in profile.plan.paths if max(p) < self.topk]
+        adapting = " (start; it follows each request's acceptance)" if tree == ADAPTIVE else ""
+        return tree, TreeChoice(compile_template(paths, self.topk)), f"tuned on this machine: {profile.summary()}{adapting}"
+
+    def tune(self, seconds: float = 60.0, progress=None):
+        """Measure this machine (cost curve, acceptance rates), save the profile, use its tree."""
+        profile = tuning.tune(self, seconds, progress)
+        self.set_tree(AUTO)
+        return profile
 
     def new_drafter(self, hot_start: bool = True, tree: str | Sequence[Sequence[int]] | None = None) -> Drafter:
         """A Token Recycling drafter of its own (own table) for this runner: this generator's
         tree unless another is given. Pass it to generate(drafter=...)."""
-        choice = TreeChoice(self.template) if tree is None else resolve_tree(tree, self.topk)
+        if tree is None and self.tree_name != ADAPTIVE:  # this generator's own fixed tree
+            choice = TreeChoice(self.template, self._budget)
+        else:
+            tree = tree or ADAPTIVE
+            if tree == ADAPTIVE and (profile := load_profile(self)) is not None:
+                rates, cost = profile.rates, profile.mean_cost_ms
+                return AdaptiveTreeDrafter(self.runner.vocab_size, rates, cost, self.topk, hot_start)
+            choice = self._tuned_tree(tree)[1] if tree in TUNED else resolve_tree(tree, self.topk)
         return TokenRecyclingDrafter(self.runner.vocab_size, choice.template, self.topk, hot_start, budget=choice.budget)
 
     # ---- prompts -------------------------------------------------------------------------

@@ -265,9 +265,12 @@ class MethodFactory:
         drafter = generator.new_drafter(hot_start=hot, tree=tree)
         tree_name = tree or generator.tree_name
         start = "hot start (table kept across requests)" if hot else "cold start (table restarted per request)"
+        settings = {"tree": tree_name, "nodes": drafter.template.num_nodes, "depth": drafter.template.max_depth}
+        if tree_name == "auto" or tree is None:
+            settings["tree_reason"] = generator.tree_reason
+        settings.update(hot_start=hot, topk=generator.topk, runner=generator.runner_name)
         return TokenRecyclingMethod(
-            name, baseline, f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}",
-            {"tree": tree_name, "hot_start": hot, "topk": generator.topk, "runner": generator.runner_name},
+            name, baseline, f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}", settings,
             generator=generator, drafter=drafter,
         )  # fmt: skip
 

@@ -1,0 +1,116 @@
+"""tokenrecycle tune and --tree auto on a tiny random model: profiles, caching, invalidation, exactness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tokenrecycle import Generator
+from tokenrecycle.cli import main
+from tokenrecycle.drafters import AdaptiveTreeDrafter
+from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+from tokenrecycle.trees import compile_template
+from tokenrecycle.tuning import load_profile, profile_key, profile_path
+
+from test_bench import save_tiny_llama
+
+PROMPTS = ["Write a short poem about the sea.", "Count from one to ten.", "def add(a, b):"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tokenizer, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Profiles go to a cache of their own (the converted SmolLM2 stays where it is)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cache")
+        patch.setenv("TOKENRECYCLE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_model, cache):
+    generator = Generator(tiny_model, dtype="float32")
+    assert generator.tree_name == "tr4" and "no tuning profile" in generator.tree_reason
+    profile = generator.tune(seconds=3)
+    return generator, profile
+
+
+def test_tuning_saves_a_readable_profile_and_uses_its_tree(tuned):
+    generator, profile = tuned
+    path = profile_path(profile.key)
+    data = json.loads(path.read_text())
+    assert set(data) >= {"key", "chosen_tree", "cost_ms", "acceptance"}
+    assert data["key"]["dtype"] == "float32" and data["key"]["runner"] == "FastRunner"
+    assert set(data["cost_ms"]) == {"256", "1024"}
+    assert data["acceptance"] and all(0 <= v["rate"] <= 1 and v["visits"] >= 10 for v in data["acceptance"].values())
+    assert generator.tree_name == "auto" and "tuned on this machine" in generator.tree_reason
+    assert set(generator.template.paths[1:]) == set(profile.plan.paths)
+    compile_template(list(profile.plan.paths), 8)  # a valid template
+
+
+def test_a_new_generator_finds_the_profile(tuned, tiny_model):
+    _, profile = tuned
+    again = Generator(tiny_model, dtype="float32")
+    assert again.tree_name == "auto"
+    assert load_profile(again).plan == profile.plan
+
+
+def test_profiles_are_invalidated_by_what_they_depend_on(tuned, tiny_model, monkeypatch):
+    generator, profile = tuned
+    threads = torch.get_num_threads()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: threads + 1)
+        assert profile_key(generator) != profile.key and load_profile(generator) is None
+    assert Generator(tiny_model, dtype="float32", runner="hf").tree_name == "tr4"  # another runner: not tuned
+    path = profile_path(profile.key)
+    path.write_text(path.read_text()[:-20])  # damaged: ignored, tuned again when asked
+    assert load_profile(generator) is None
+    stale = json.loads(json.dumps(profile.to_json()))
+    stale["key"]["version"] = 0
+    path.write_text(json.dumps(stale))
+    assert load_profile(generator) is None
+
+
+def test_auto_tree_is_lossless(tuned):
+    generator, _ = tuned
+    for prompt in PROMPTS:
+        ours = generator.generate(prompt, max_new_tokens=24)
+        assert ours.token_ids == generator.generate_plain(prompt, max_new_tokens=24).token_ids
+
+
+def test_cli_tune_and_show(tiny_model, cache, capsys):
+    assert main(["tune", "--model", tiny_model, "--dtype", "float32", "--runner", "hf", "--show"]) == 2
+    assert "no tuning profile" in capsys.readouterr().err
+    assert main(["tune", "--model", tiny_model, "--dtype", "float32", "--runner", "hf", "--seconds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen tree:" in out and "forward ms by tree tokens" in out
+    assert main(["tune", "--model", tiny_model, "--dtype", "float32", "--runner", "hf", "--show"]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_cli_generate_tunes_on_first_use_unless_told_not_to(tiny_model, cache, capsys):
+    base = ["generate", "--model", tiny_model, "--dtype", "float32", "--topk", "4", "--max-new-tokens", "8", "--json", "hi"]
+    assert main(base + ["--no-tune"]) == 0
+    assert json.loads(capsys.readouterr().out)["tree"] == "tr4"
+    assert main(base + ["--tune-seconds", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "tuning once" in captured.err and json.loads(captured.out)["tree"] == "auto"
+    assert main(base + ["--tune-seconds", "0"]) == 0  # a profile exists now: no tuning, no error
+
+
+def test_adaptive_tree_starts_from_the_profile_and_is_lossless(tuned, tiny_model):
+    _, profile = tuned
+    generator = Generator(tiny_model, dtype="float32", tree="adaptive")
+    assert generator.tree_name == "adaptive" and isinstance(generator.drafter, AdaptiveTreeDrafter)
+    assert set(generator.drafter.template.paths[1:]) == set(profile.plan.paths)
+    for prompt in PROMPTS:
+        ours = generator.generate(prompt, max_new_tokens=24)
+        assert ours.token_ids == generator.generate_plain(prompt, max_new_tokens=24).token_ids
