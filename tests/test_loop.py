@@ -8,7 +8,7 @@ from tokenrecycle.decoding import speculative_greedy
 from tokenrecycle.drafters import TokenRecyclingDrafter
 from tokenrecycle.templates import TEMPLATES
 from tokenrecycle.text import OutputAssembler
-from tokenrecycle.generator import resolve_tree
+from tokenrecycle.tree_choice import resolve_tree
 
 V = 16
 

@@ -13,7 +13,7 @@ import torch
 
 from tokenrecycle.decoding import speculative_greedy
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
-from tokenrecycle.generator import resolve_tree
+from tokenrecycle.tree_choice import resolve_tree
 from tokenrecycle.runners import FastRunner, HFRunner
 from tokenrecycle.templates import TEMPLATES
 from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
