@@ -114,3 +114,19 @@ def test_adaptive_tree_starts_from_the_profile_and_is_lossless(tuned, tiny_model
     for prompt in PROMPTS:
         ours = generator.generate(prompt, max_new_tokens=24)
         assert ours.token_ids == generator.generate_plain(prompt, max_new_tokens=24).token_ids
+
+
+def test_bench_compares_the_profiles_predictions_with_measurements(tuned, tiny_model, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [p]}) for i, p in enumerate(PROMPTS)))
+    args = ["bench", "--model", tiny_model, "--dtype", "float32", "--methods", "ar,plain,tr", "--trees", "auto,tr2,adaptive"]
+    assert main(args + ["--questions", str(questions), "--max-new-tokens", "16", "--no-cost-curve", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Trees: predicted by the tuning profile and measured" in report
+    assert "| tr@auto |" in report and "| tr@tr2 | 2 | 1 |" in report
+    assert "| tr@adaptive |" in report  # measured, but no fixed tree to predict
+    assert (tmp_path / "trees_float32.png").is_file()
+    results = json.loads((tmp_path / "results.json").read_text())
+    section = results["sections"][0]
+    assert section["profile"]["chosen_tree"]["nodes"] == len(section["methods"]["tr@auto"]["settings"]["paths"])
+    assert all(r["status"] == "ok" for r in section["records"])

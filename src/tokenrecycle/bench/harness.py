@@ -22,6 +22,7 @@ from ..cost import forward_costs
 from ..errors import InvalidOptionError, PromptTooLongError, TokenRecycleError
 from ..hardware import machine_info
 from ..models import DEFAULT_MODEL
+from ..tuning import load_profile
 from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .methods import (
     BASE_METHODS,
@@ -131,7 +132,10 @@ def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchP
         "dtype_reason": generator.dtype_reason,
         "runner": generator.runner_name,
         "default_tree": generator.tree_name,
+        "tree_reason": generator.tree_reason,
         "model_memory_bytes": current_rss_bytes() - before,
+        # The tuning profile (if any) predicts each fixed tree's tokens per step and speed.
+        "profile": profile.to_json() if (profile := load_profile(generator)) else None,
         "methods": {},
         "unavailable": {},
         "cost_curves": {},

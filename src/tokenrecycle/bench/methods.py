@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..drafters import Drafter
+from ..drafters import AdaptiveTreeDrafter, Drafter
 from ..errors import TokenRecycleError
 from ..generator import Generator, plain_greedy_tokens
 from ..models import LoadedModel, load_model, resolve
@@ -268,6 +268,8 @@ class MethodFactory:
         settings = {"tree": tree_name, "nodes": drafter.template.num_nodes, "depth": drafter.template.max_depth}
         if tree_name == "auto" or tree is None:
             settings["tree_reason"] = generator.tree_reason
+        if drafter.budget is None and not isinstance(drafter, AdaptiveTreeDrafter):  # the same tree every step
+            settings["paths"] = [list(path) for path in drafter.template.paths[1:]]
         settings.update(hot_start=hot, topk=generator.topk, runner=generator.runner_name)
         return TokenRecyclingMethod(
             name, baseline, f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}", settings,

@@ -14,7 +14,11 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..tree_search import expected_tokens, step_cost
+from ..tuning import mean_cost, parse_path
+
 OVERALL = "overall"
+NAN = float("nan")
 
 
 @dataclass
@@ -105,3 +109,40 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b and b == b and a == a else float("nan")
+
+
+@dataclass
+class TreeCheck:
+    """A fixed tree's tokens per decoding step and speed: as the tuning profile predicts, as measured."""
+
+    method: str
+    nodes: int
+    depth: int
+    predicted_tokens: float
+    measured_tokens: float  # new tokens per forward pass after the prefill
+    predicted_tokens_per_s: float  # forward passes only: the loop's own time comes on top
+    measured_tokens_per_s: float
+
+
+def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list[TreeCheck]:
+    """For each Token Recycling method on the profiled runner with one tree for every step."""
+    profile = section.get("profile")
+    if not profile:
+        return []
+    rates = {parse_path(p): v["rate"] for p, v in profile["acceptance"].items()}
+    cost = mean_cost({int(c): {int(n): ms for n, ms in curve.items()} for c, curve in profile["cost_ms"].items()})
+    checks = []
+    for method, info in section["methods"].items():
+        settings = info["settings"]
+        if info["base"] not in ("tr", "tr-cold") or "paths" not in settings:
+            continue
+        paths = [tuple(p) for p in settings["paths"]]
+        predicted = expected_tokens(paths, rates) if all(p in rates for p in paths) else NAN
+        ok = [r for r in section["records"] if r["method"] == method and r["status"] == "ok" and len(r["accepted_lengths"]) > 1]
+        decoded = sum(sum(r["accepted_lengths"][1:]) for r in ok)
+        passes = sum(len(r["accepted_lengths"]) - 1 for r in ok)
+        checks.append(TreeCheck(
+            method, len(paths), max((len(p) for p in paths), default=0), predicted, decoded / passes if passes else NAN,
+            1000.0 * predicted / step_cost(cost, len(paths) + 1), stats[method][OVERALL].tokens_per_s,
+        ))  # fmt: skip
+    return sorted(checks, key=lambda check: check.nodes)

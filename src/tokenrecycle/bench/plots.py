@@ -65,6 +65,25 @@ def plot_cost_curves(section: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_tree_checks(checks, dtype: str, path: Path) -> Path | None:
+    """Predicted against measured tokens per step and tokens/s, by tree size."""
+    if not checks:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    nodes = [c.nodes for c in checks]
+    for axis, predicted, measured, label in (
+        (left, [c.predicted_tokens for c in checks], [c.measured_tokens for c in checks], "tokens per step"),
+        (right, [c.predicted_tokens_per_s for c in checks], [c.measured_tokens_per_s for c in checks], "tokens/s"),
+    ):
+        axis.plot(nodes, predicted, marker="o", linestyle="--", label="predicted")
+        axis.plot(nodes, measured, marker="s", label="measured")
+        axis.set_xlabel("tree nodes")
+        axis.set_ylabel(label)
+        axis.legend(fontsize="small")
+    fig.suptitle(f"Trees: tuning profile's prediction against the benchmark, {dtype}")
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .harness import load_results
-from .metrics import OVERALL, MethodStats, baseline_of, categories, summarize
-from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups
+from .metrics import OVERALL, MethodStats, baseline_of, categories, summarize, tree_checks
+from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups, plot_tree_checks
 
 REPORT_FILE = "report.md"
 MIB = 1 << 20
@@ -26,13 +26,15 @@ def render(out: str | Path) -> Path:
         if not section["records"]:
             continue
         stats = summarize(section)
+        checks = tree_checks(section, stats)
         dtype = section["dtype"]
         plots = [
             plot_speedups(section, stats, out / f"speedup_{dtype}.png"),
             plot_accepted_lengths(section, stats, out / f"accepted_{dtype}.png"),
             plot_cost_curves(section, out / f"cost_{dtype}.png"),
+            plot_tree_checks(checks, section["dtype"], out / f"trees_{dtype}.png"),
         ]
-        parts.append(section_report(section, stats, [p for p in plots if p is not None]))
+        parts.append(section_report(section, stats, checks, [p for p in plots if p is not None]))
     path = out / REPORT_FILE
     path.write_text("\n\n".join(parts) + "\n")
     return path
@@ -54,7 +56,7 @@ def header(results: dict) -> str:
     )
 
 
-def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], plots: list[Path]) -> str:
+def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], checks, plots: list[Path]) -> str:
     parts = [
         f"## {section['dtype']} ({section['dtype_reason']}; runner {section['runner']}, default tree {section['default_tree']})",
         "### Speedup by category, MAT, tokens/s and overall speedup\n\n" + paper_table(section, stats),
@@ -63,6 +65,8 @@ def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], plot
         "### Tokens/s by category (median)\n\n" + category_table(section, stats, lambda s: fmt(s.tokens_per_s, 1)),
         "### Accepted tokens per forward pass (share of passes)\n\n" + accepted_table(stats),
     ]
+    if checks:
+        parts.append("### Trees: predicted by the tuning profile and measured\n\n" + checks_table(checks))
     if section["cost_curves"]:
         parts.append("### Runner cost: ms for one forward pass of n tree tokens on 256 cached tokens (ratio to n=1)\n\n" + cost_table(section["cost_curves"]))
     parts.append(methods_list(section))
@@ -122,10 +126,20 @@ def cost_table(curves: dict[str, dict[str, float]]) -> str:
     return markdown(rows)
 
 
+def checks_table(checks) -> str:
+    rows = [["method", "nodes", "depth", "tokens/step predicted", "measured", "tokens/s predicted (forward passes only)", "measured"]]
+    for c in checks:
+        rows.append([
+            c.method, str(c.nodes), str(c.depth), fmt(c.predicted_tokens), fmt(c.measured_tokens),
+            fmt(c.predicted_tokens_per_s, 1), fmt(c.measured_tokens_per_s, 1),
+        ])  # fmt: skip
+    return markdown(rows)
+
+
 def methods_list(section: dict) -> str:
-    lines = ["### Methods"]
+    lines = [f"### Methods\n\nDefault tree: {section['default_tree']} ({section.get('tree_reason', 'asked for')})\n"]
     for method, info in section["methods"].items():
-        settings = ", ".join(f"{k}={v}" for k, v in info["settings"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in info["settings"].items() if k != "paths")
         warning = f" **Warm-up failed: {info['warm_up_error']}**" if info.get("warm_up_error") else ""
         lines.append(f"- `{method}`: {info['description']}" + (f" ({settings})" if settings else "") + warning)
     lines += [f"- `{method}`: not run: {reason}" for method, reason in section["unavailable"].items()]
