@@ -18,7 +18,7 @@ from importlib import resources
 import numpy as np
 
 from tokenrecycle import Generator
-from tokenrecycle.decoding import speculative_greedy
+from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.trees import best_template, rank_budget_template
 
 
@@ -32,7 +32,7 @@ def count_acceptance(generator: Generator, prompts: list[str], max_new: int) -> 
     visits, hits = Counter(), Counter()
     for prompt in prompts:
         ids = generator.encode(prompt)
-        for step in speculative_greedy(generator.runner, generator.drafter, ids, max_new):
+        for step in speculative_decode(generator.runner, generator.drafter, ids, max_new):
             if step.tree is None:
                 continue
             on_path = np.zeros(len(step.tree), dtype=bool)

@@ -1,4 +1,4 @@
-"""Lossless end to end on tiny random models: speculative_greedy gives exactly model.generate's tokens.
+"""Lossless end to end on tiny random models: speculative_decode gives exactly model.generate's tokens.
 
 Both runners, every supported family, every shipped template (topk 8), a few prompts (one token, a repeated
 pattern, random ids), twice over on the same drafter so the second pass drafts from a hot table
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenrecycle.decoding import speculative_greedy
+from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
 from tokenrecycle.tree_choice import resolve_tree
 from tokenrecycle.runners import FastRunner, HFRunner
@@ -54,7 +54,7 @@ def arch(request, one_thread):
 
 def run(runner, drafter, prompt, max_new_tokens):
     """All yields of one speculative generation, each checked to be a non-empty list of ints."""
-    steps = [s.tokens for s in speculative_greedy(runner, drafter, np.asarray(prompt, dtype=np.int64), max_new_tokens)]
+    steps = [s.tokens for s in speculative_decode(runner, drafter, np.asarray(prompt, dtype=np.int64), max_new_tokens)]
     for step in steps:
         assert isinstance(step, list) and step and all(isinstance(t, int) for t in step)
     assert len(steps[0]) == 1  # the prefill decides one token
@@ -179,7 +179,7 @@ def test_closing_early_then_reusing_runner(arch, runner_cls):
     name, model, refs = arch
     runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr48"), topk=TOPK)
-    gen = speculative_greedy(runner, drafter, np.asarray(PROMPTS["repetitive"]), N)
+    gen = speculative_decode(runner, drafter, np.asarray(PROMPTS["repetitive"]), N)
     next(gen)
     next(gen)
     gen.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import InvalidOptionError, TokenRecycleError
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tree", default="auto", help=f"auto (default: the tree tuned for this machine, tuned on first use), adaptive (starts there and follows each request's acceptance), a named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or a JSON file of rank paths")
     gen.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile yet: use the static default tree instead of tuning")
     gen.add_argument("--tune-seconds", type=float, default=60.0, help="time for tuning on first use")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample, with exactly the distribution plain sampling has")
+    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (0: off; 50 as in transformers)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus, the smallest set with this much probability")
+    gen.add_argument("--min-p", type=float, default=None, help="sampling: drop tokens below this fraction of the top token's probability")
+    gen.add_argument("--seed", type=int, default=None, help="sampling: seed for a repeatable sample")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
@@ -104,6 +110,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidOptionError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    sampling = sampling_of(args)
     generator = load_generator(args, args.tree)
     if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
         print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune skips)", file=sys.stderr)
@@ -114,7 +121,7 @@ def run_generate(args: argparse.Namespace) -> int:
         generator.load_table(args.table)
     if args.compare:
         warm_up(generator, chat)
-    generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat)
+    generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat, sampling=sampling)
     for piece in generation:
         if not args.json:
             print(piece, end="", flush=True)
@@ -129,6 +136,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "quantize": args.quantize,
         "tree": generator.tree_name,
         "tree_reason": generator.tree_reason,
+        "sampling": asdict(sampling) if sampling else None,
         "drafter_bytes": generator.drafter.memory_bytes,
         **result.to_dict(),
     }
@@ -139,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.compare:
-        plain, baseline = compare_baseline(generator, args.prompt, args.max_new_tokens, args.stop, chat)
+        plain, baseline = compare_baseline(generator, args.prompt, args.max_new_tokens, args.stop, chat, sampling)
         comparison = {
             "baseline": baseline,
             "baseline_tokens_per_s": plain.tokens_per_s,
@@ -150,7 +158,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(
                 f"[{baseline}] {plain.tokens_per_s:.1f} tokens/s · speedup {comparison['speedup']:.2f}x · "
-                f"identical output: {identical_text(comparison['identical'], generator.dtype)}",
+                f"identical output: {identical_text(comparison['identical'], generator.dtype, sampling is not None)}",
                 file=sys.stderr,
             )
     if args.json:
@@ -224,22 +232,36 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def identical_text(identical: bool, dtype: str) -> str:
+def identical_text(identical: bool, dtype: str, sampled: bool = False) -> str:
     if identical:
         return "yes"
+    if sampled:
+        return "no (two independent samples of the same distribution)"
     if dtype != "float32":
         # Batched verification is not bit-identical to one-token decoding in 16-bit arithmetic.
         return f"no ({dtype} rounding flips near-ties; outputs are token-exact in float32)"
     return "NO"
 
 
-def compare_baseline(generator, prompt: str, max_new_tokens: int, stop, chat):
-    """Plain greedy decoding of the same model: transformers' model.generate, or, for quantised
+def sampling_of(args: argparse.Namespace):
+    """Sampling settings from the options, or None for greedy decoding."""
+    from .sampling import Sampling
+
+    if args.temperature < 0:
+        raise InvalidOptionError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
+    if args.temperature == 0:
+        return None
+    return Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+
+
+def compare_baseline(generator, prompt: str, max_new_tokens: int, stop, chat, sampling=None):
+    """Plain decoding of the same model: transformers' model.generate, or, for quantised
     weights that only the fast runner has, one token per step on that runner."""
+    mode = "greedy" if sampling is None else "sampling"
     if generator.quantize:
-        result = generator.generate(prompt, max_new_tokens, stop, chat, plain=True)
-        return result, f"plain greedy, same {generator.quantize} runner"
-    return generator.generate_plain(prompt, max_new_tokens, stop, chat), "plain greedy model.generate"
+        result = generator.generate(prompt, max_new_tokens, stop, chat, plain=True, sampling=sampling)
+        return result, f"plain {mode}, same {generator.quantize} runner"
+    return generator.generate_plain(prompt, max_new_tokens, stop, chat, sampling), f"plain {mode} model.generate"
 
 
 def warm_up(generator, chat) -> None:

@@ -10,7 +10,9 @@ import numpy as np
 from .drafters import Drafter
 from .runners import ModelRunner
 from .trees import DraftTree, limit_depth
-from .verify import verify_greedy
+from .verify import GreedyVerifier, SamplingVerifier
+
+GREEDY = GreedyVerifier()
 
 
 @dataclass
@@ -22,10 +24,15 @@ class Step:
     accepted: np.ndarray | None = None
 
 
-def speculative_greedy(
-    runner: ModelRunner, drafter: Drafter, prompt_ids: np.ndarray, max_new_tokens: int
+def speculative_decode(
+    runner: ModelRunner,
+    drafter: Drafter,
+    prompt_ids: np.ndarray,
+    max_new_tokens: int,
+    verifier: GreedyVerifier | SamplingVerifier = GREEDY,
 ) -> Iterator[Step]:
-    """Yield the tokens decided at each forward pass, exactly those plain greedy decoding gives.
+    """Yield the tokens decided at each forward pass: exactly plain greedy decoding's, or under a
+    sampling verifier a sample of exactly plain sampling's distribution.
 
     The first yield (one token) comes from the prefill; each later one holds the accepted draft
     tokens plus the bonus token. The total never exceeds max_new_tokens: trees are cut to the
@@ -33,14 +40,14 @@ def speculative_greedy(
     """
     logits = runner.prefill(prompt_ids, reserve=max_new_tokens)
     drafter.start(prompt_ids, logits)
-    token = int(logits[-1].argmax())
+    token = verifier.first_token(logits[-1])
     yield Step([token])
     produced = 1
     while produced < max_new_tokens:
         depth_room = min(max_new_tokens - produced, runner.max_context - runner.cache_length) - 1
         tree = limit_depth(drafter.propose(token), depth_room)
         logits = runner.forward_tree(tree)
-        accepted, token = verify_greedy(tree, logits)
+        accepted, token = verifier.verify(tree, logits)
         drafter.observe(tree, logits, accepted)
         runner.commit(accepted)
         step = Step(tree.tokens[accepted[1:]].tolist() + [token], tree, accepted)

@@ -11,15 +11,17 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .decoding import speculative_greedy
+from .decoding import GREEDY, speculative_decode
 from .drafters import AdaptiveTreeDrafter, Drafter, PlainDrafter, TokenRecyclingDrafter
 from .errors import EmptyPromptError, InvalidOptionError, PromptTooLongError
 from .hardware import auto_dtype
 from .models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
 from .runners import RUNNERS, make_runner
+from .sampling import Sampling
 from .text import OutputAssembler
 from .tree_choice import ADAPTIVE, AUTO, TUNED, TreeChoice, default_tree, resolve_tree
 from .trees import compile_template
+from .verify import SamplingVerifier
 from . import tuning
 from .tuning import load_profile
 
@@ -207,14 +209,17 @@ class Generator:
         chat: bool | None = None,
         plain: bool = False,
         drafter: Drafter | None = None,
+        sampling: Sampling | None = None,
     ) -> Generation:
         """Decode with Token Recycling; plain=True decodes one token per forward pass on the same
         runner instead (the baseline that isolates the gain from drafting); `drafter` replaces
-        this generator's own drafter for this call."""
+        this generator's own drafter for this call. Greedy unless `sampling` is given; then the
+        output is a sample of exactly the distribution plain sampling has."""
         prompt_ids = self.encode(prompt, chat)
         self.check_fits(prompt_ids, max_new_tokens)
         drafter = PlainDrafter() if plain else drafter or self.drafter
-        steps = speculative_greedy(self.runner, drafter, prompt_ids, max_new_tokens)
+        verifier = SamplingVerifier(sampling) if sampling is not None else GREEDY
+        steps = speculative_decode(self.runner, drafter, prompt_ids, max_new_tokens, verifier)
         return Generation(self._assemble(steps, prompt_ids, max_new_tokens, stop))
 
     def generate(
@@ -225,20 +230,32 @@ class Generator:
         chat: bool | None = None,
         plain: bool = False,
         drafter: Drafter | None = None,
+        sampling: Sampling | None = None,
     ) -> GenerationResult:
-        generation = self.stream(prompt, max_new_tokens, stop, chat, plain, drafter)
+        generation = self.stream(prompt, max_new_tokens, stop, chat, plain, drafter, sampling)
         for _ in generation:
             pass
         return generation.result
 
     def generate_plain(
-        self, prompt: Prompt, max_new_tokens: int = 128, stop: Sequence[str] = (), chat: bool | None = None
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        sampling: Sampling | None = None,
     ) -> GenerationResult:
-        """Plain greedy decoding with transformers' own `model.generate`: the reference and baseline."""
+        """Plain decoding with transformers' own `model.generate`: the reference and baseline
+        (greedy, or sampling with the same settings; a seed seeds torch's global generator)."""
         prompt_ids = self.encode(prompt, chat)
         self.check_fits(prompt_ids, max_new_tokens)
+        options = {}
+        if sampling is not None:
+            options = sampling.generate_options()
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
         start = time.perf_counter()
-        tokens = plain_greedy_tokens(self.model, prompt_ids, max_new_tokens, self.eos_ids)
+        tokens = plain_greedy_tokens(self.model, prompt_ids, max_new_tokens, self.eos_ids, **options)
         seconds = time.perf_counter() - start
         assembler = self._assembler(max_new_tokens, stop)
         assembler.add(tokens)
@@ -300,12 +317,13 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 def plain_greedy_tokens(
     model, prompt_ids: np.ndarray, max_new_tokens: int, eos_ids: set[int], **generate_options
 ) -> list[int]:
-    """Greedy `model.generate`; generate_options pass through (prompt lookup, assistant model)."""
+    """Greedy `model.generate`; generate_options pass through (prompt lookup, assistant model,
+    sampling settings)."""
     ids = torch.as_tensor(prompt_ids, device=model.device)[None]
+    generate_options.setdefault("do_sample", False)
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        do_sample=False,
         max_new_tokens=max_new_tokens,
         eos_token_id=sorted(eos_ids) or None,
         pad_token_id=min(eos_ids, default=0),

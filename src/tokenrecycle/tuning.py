@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .cost import forward_costs
-from .decoding import speculative_greedy
+from .decoding import speculative_decode
 from .hardware import cpu_model
 from .models import cache_root
 from .tree_search import TreePlan, choose_tree, plans_by_size
@@ -203,7 +203,7 @@ def calibrate(generator, seconds: float, progress: Progress) -> tuple[dict, dict
 def _count(generator, drafter, prompt: str, max_new: int, visits: dict, hits: dict, deadline: float | None) -> None:
     paths = drafter.template.paths
     ids = generator.encode(prompt)
-    steps = speculative_greedy(generator.runner, drafter, ids, max_new)
+    steps = speculative_decode(generator.runner, drafter, ids, max_new)
     for step in steps:
         if generator.eos_ids.intersection(step.tokens):
             break  # past the end of the answer the text is not what a user would decode

@@ -1,10 +1,16 @@
-"""Greedy verification of a draft tree (pure)."""
+"""Verification of a draft tree against the target's logits: greedy, or sampling (pure given the draws).
+
+Both keep exactly what plain decoding would give: greedy keeps the longest path of argmax tokens;
+sampling walks down the tree drawing each next token from the target's own distribution, so every
+token is a sample of the target whatever the drafts were.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .sampling import Draws, Sampling
 from .trees import DraftTree
 
 
@@ -22,3 +28,42 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[np.ndarray, in
     candidates = np.flatnonzero(on_path)
     last = int(candidates[np.argmax(tree.depths[candidates])])
     return tree.path_to(last), int(predicted[last])
+
+
+def verify_sampled(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, draws: Draws) -> tuple[np.ndarray, int]:
+    """From the root, draw the next token from the target's distribution at the current node; if a
+    child holds that token, accept it and go on from there, else the draw is the bonus token.
+
+    This is the rule for drafts that are not themselves sampled (Token Recycling, lookup): each
+    draw is exactly the target's next-token sample, so the output follows the target's
+    distribution. It equals trying the children in turn, accepting child x with probability
+    p(x) / (mass not yet rejected); the draft-model rule min(1, p/q) would be biased here.
+    """
+    child_of = {(int(parent), int(token)): node for node, (parent, token) in enumerate(zip(tree.parents, tree.tokens)) if node}
+    path = [0]
+    while True:
+        token = draws.draw(sampling.probabilities(logits[path[-1]]))
+        child = child_of.get((path[-1], token))
+        if child is None:
+            return np.array(path), token
+        path.append(child)
+
+
+class GreedyVerifier:
+    def first_token(self, logits: torch.Tensor) -> int:
+        return int(logits.argmax())
+
+    def verify(self, tree: DraftTree, logits: torch.Tensor) -> tuple[np.ndarray, int]:
+        return verify_greedy(tree, logits)
+
+
+class SamplingVerifier:
+    def __init__(self, sampling: Sampling, draws: Draws | None = None):
+        self.sampling = sampling
+        self.draws = draws or Draws(sampling.seed)
+
+    def first_token(self, logits: torch.Tensor) -> int:
+        return self.draws.draw(self.sampling.probabilities(logits))
+
+    def verify(self, tree: DraftTree, logits: torch.Tensor) -> tuple[np.ndarray, int]:
+        return verify_sampled(tree, logits, self.sampling, self.draws)

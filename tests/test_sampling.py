@@ -1,0 +1,144 @@
+"""Lossless sampling over draft trees, checked by exact enumeration (see enumeration.py).
+
+The exact distribution of the first tokens must equal plain sampling's, computed from the model
+directly. A verifier with the biased rule fails the same check, so it can tell them apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from tokenrecycle.decoding import speculative_decode
+from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
+from tokenrecycle.errors import InvalidOptionError
+from tokenrecycle.sampling import Sampling
+from tokenrecycle.trees import DraftTree, compile_template
+from tokenrecycle.verify import SamplingVerifier
+
+from enumeration import output_distribution
+from fakes import ScriptedRunner
+
+V = 5
+TOKENS = 3  # the first three tokens: 125 outcomes
+PROMPT = np.array([1, 2], dtype=np.int64)
+TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+SETTINGS = [
+    Sampling(temperature=1.0, top_k=0),
+    Sampling(temperature=0.7, top_k=3),
+    Sampling(temperature=1.0, top_k=0, top_p=0.8),
+    Sampling(temperature=1.3, top_k=0, min_p=0.2),
+    Sampling(temperature=0.9, top_k=4, top_p=0.9, min_p=0.05),
+]
+
+
+def model_logits(context) -> torch.Tensor:
+    """A fixed, uneven next-token distribution for every context (seeded by the context)."""
+    seed = hash(tuple(int(t) for t in context[-3:])) % (2**31)
+    return torch.randn(V, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+class SoftRunner(ScriptedRunner):
+    def __init__(self):
+        super().__init__(next_token=None, vocab_size=V)
+
+    def _logits_for(self, context):
+        return model_logits(context)
+
+
+def output_of(make_verifier, make_drafter) -> dict[tuple, float]:
+    return output_distribution(SoftRunner, make_drafter, make_verifier, PROMPT, TOKENS)
+
+
+def plain_distribution(sampling: Sampling) -> dict[tuple, float]:
+    """Plain sampling, from the model directly: the product of the processed conditionals."""
+    distribution = {}
+    for tokens in itertools.product(range(V), repeat=TOKENS):
+        context, probability = list(PROMPT), 1.0
+        for token in tokens:
+            probability *= float(sampling.probabilities(model_logits(context))[token])
+            context.append(token)
+        if probability > 0:
+            distribution[tokens] = probability
+    return distribution
+
+
+def recycling_drafter():
+    """A table that drafts real trees from the first step: warmed as a hot table would be."""
+    drafter = TokenRecyclingDrafter(V, compile_template(TREE, 3), topk=3)
+    drafter.table[:] = [[(t + 1) % V, (t + 2) % V, (t + 3) % V] for t in range(V)]
+    return drafter
+
+
+def assert_same(actual: dict, expected: dict):
+    for outcome in set(actual) | set(expected):
+        assert actual.get(outcome, 0.0) == pytest.approx(expected.get(outcome, 0.0), abs=1e-9), outcome
+    assert sum(actual.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=str)
+@pytest.mark.parametrize("drafter", [PlainDrafter, recycling_drafter], ids=["plain", "recycling"])
+def test_speculative_sampling_has_plain_samplings_distribution(sampling, drafter):
+    actual = output_of(lambda draws: SamplingVerifier(sampling, draws), drafter)
+    assert_same(actual, plain_distribution(sampling))
+
+
+def test_drafts_are_accepted_so_the_check_covers_tree_paths():
+    sampling = SETTINGS[0]
+    runner, drafter = SoftRunner(), recycling_drafter()
+    steps = list(speculative_decode(runner, drafter, PROMPT, 40, SamplingVerifier(sampling)))
+    assert max(len(step.tokens) for step in steps) >= 3  # two drafts and the bonus at least once
+
+
+class BiasedVerifier(SamplingVerifier):
+    """The draft-model rule misapplied to deterministic drafts: each child is accepted with
+    probability min(1, p(x) / q(x)) = p(x), without renormalising by the mass already rejected."""
+
+    def verify(self, tree: DraftTree, logits: torch.Tensor):
+        path = [0]
+        while True:
+            probs = self.sampling.probabilities(logits[path[-1]]).clone()
+            children = [c for c in range(1, len(tree)) if tree.parents[c] == path[-1]]
+            for child in children:
+                token = int(tree.tokens[child])
+                if self.draws.draw(torch.tensor([1 - probs[token], probs[token]])) == 1:
+                    path.append(child)
+                    break
+                probs[token] = 0
+            else:
+                return np.array(path), self.draws.draw(probs / probs.sum())
+
+
+def test_the_check_catches_the_biased_rule():
+    sampling = SETTINGS[0]
+    actual = output_of(lambda draws: BiasedVerifier(sampling, draws), recycling_drafter)
+    expected = plain_distribution(sampling)
+    worst = max(abs(actual.get(k, 0) - expected.get(k, 0)) for k in set(actual) | set(expected))
+    assert worst > 1e-3
+    assert sum(actual.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"temperature": 0}, {"temperature": -1}, {"top_k": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 2}],
+)
+def test_bad_settings_are_refused(options):
+    with pytest.raises(InvalidOptionError):
+        Sampling(**options)
+
+
+@pytest.mark.parametrize("sampling", SETTINGS, ids=str)
+def test_same_warpers_as_transformers_generate(sampling):
+    """The processed distribution equals the one transformers' generate builds from the same settings."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=8, intermediate_size=8, num_attention_heads=1, num_hidden_layers=1, vocab_size=64))
+    config = GenerationConfig(**sampling.generate_options())
+    theirs = model._get_logits_processor(config, input_ids_seq_length=1, logits_processor=LogitsProcessorList(), device="cpu")
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    expected = torch.softmax(theirs(torch.zeros(4, 1, dtype=torch.long), logits.clone()), dim=-1)
+    assert torch.allclose(sampling.probabilities(logits), expected)
