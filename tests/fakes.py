@@ -43,6 +43,9 @@ class ScriptedRunner(ModelRunner):
         return torch.stack([self._logits_for(ctx) for ctx in self.pending])
 
     def commit(self, accepted):
+        if len(accepted) == 0:  # keep nothing of the pending tree
+            self.pending = []
+            return
         path_context = self.pending[int(accepted[-1])]
         assert path_context[: len(self.context)] == self.context
         assert len(path_context) == len(self.context) + len(accepted)

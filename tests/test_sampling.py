@@ -14,13 +14,14 @@ import torch
 
 from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
+from tokenrecycle.drafters.draft_model import DraftModelDrafter
 from tokenrecycle.errors import InvalidOptionError
 from tokenrecycle.sampling import Sampling
 from tokenrecycle.trees import DraftTree, compile_template
 from tokenrecycle.verify import SamplingVerifier
 
 from enumeration import output_distribution
-from fakes import ScriptedRunner
+from fakes import ScriptedRunner, sequential_greedy
 
 V = 5
 TOKENS = 3  # the first three tokens: 125 outcomes
@@ -73,9 +74,10 @@ def recycling_drafter():
     return drafter
 
 
-def assert_same(actual: dict, expected: dict):
+def assert_same(actual: dict, expected: dict, tolerance: float = 1e-9):
+    """Equal up to float rounding; a biased rule is off by far more (see the test it fails)."""
     for outcome in set(actual) | set(expected):
-        assert actual.get(outcome, 0.0) == pytest.approx(expected.get(outcome, 0.0), abs=1e-9), outcome
+        assert actual.get(outcome, 0.0) == pytest.approx(expected.get(outcome, 0.0), abs=tolerance), outcome
     assert sum(actual.values()) == pytest.approx(1.0)
 
 
@@ -142,3 +144,75 @@ def test_same_warpers_as_transformers_generate(sampling):
     logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
     expected = torch.softmax(theirs(torch.zeros(4, 1, dtype=torch.long), logits.clone()), dim=-1)
     assert torch.allclose(sampling.probabilities(logits), expected)
+
+
+# ---- drafts from a draft model: speculative sampling and RSD ---------------------------------
+# Drafting draws too, so the enumeration branches more: a 3-token vocabulary.
+SMALL_V = 3
+
+
+def small_logits(context, salt: str = "target") -> torch.Tensor:
+    seed = hash((salt, tuple(int(t) for t in context[-2:]))) % (2**31)
+    return torch.randn(SMALL_V, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+class SmallRunner(ScriptedRunner):
+    """The target (salt "target") or a draft model whose distribution differs from it."""
+
+    def __init__(self, salt: str = "target"):
+        super().__init__(next_token=None, vocab_size=SMALL_V)
+        self.salt = salt
+
+    def _logits_for(self, context):
+        return small_logits(context, self.salt)
+
+
+SMALL_SETTINGS = [Sampling(top_k=0), Sampling(temperature=0.7, top_k=2), Sampling(top_k=0, top_p=0.7, min_p=0.1)]
+DRAFT_SHAPES = {"chain": dict(branching=(1, 1)), "adaptive chain": dict(branching=(1,), adaptive=True), "rsd tree": dict(branching=(2, 1))}
+
+
+def small_plain_distribution(sampling: Sampling, tokens: int = 2) -> dict[tuple, float]:
+    distribution = {}
+    for sequence in itertools.product(range(SMALL_V), repeat=tokens):
+        context, probability = list(PROMPT), 1.0
+        for token in sequence:
+            probability *= float(sampling.probabilities(small_logits(context))[token])
+            context.append(token)
+        if probability > 0:
+            distribution[sequence] = probability
+    return distribution
+
+
+@pytest.mark.parametrize("sampling", SMALL_SETTINGS, ids=str)
+@pytest.mark.parametrize("shape", DRAFT_SHAPES)
+def test_draft_model_sampling_has_plain_samplings_distribution(sampling, shape):
+    def drafter():
+        return DraftModelDrafter(SmallRunner("draft"), **DRAFT_SHAPES[shape])
+
+    actual = output_distribution(SmallRunner, drafter, lambda draws: SamplingVerifier(sampling, draws), PROMPT, 3)
+    assert_same(actual, small_plain_distribution(sampling, 3), tolerance=1e-7)  # float32 p / q ratios
+
+
+@pytest.mark.parametrize("shape", DRAFT_SHAPES)
+def test_draft_model_greedy_is_exact(shape):
+    def next_token(context):
+        return int(small_logits(context).argmax())
+
+    drafter = DraftModelDrafter(SmallRunner("draft"), **DRAFT_SHAPES[shape])
+    out = []
+    for step in speculative_decode(SmallRunner(), drafter, PROMPT, 40):
+        out += step.tokens
+    assert out == sequential_greedy(next_token, PROMPT.tolist(), 40)
+
+
+@pytest.mark.parametrize("shape", DRAFT_SHAPES)
+def test_draft_model_drafts_are_accepted_and_its_cache_follows(shape):
+    draft_runner = SmallRunner("draft")
+    drafter = DraftModelDrafter(draft_runner, **DRAFT_SHAPES[shape])
+    out, lengths = [], []
+    for step in speculative_decode(SmallRunner(), drafter, PROMPT, 60, SamplingVerifier(SMALL_SETTINGS[0])):
+        out += step.tokens
+        lengths.append(len(step.tokens))
+    assert max(lengths) >= 3
+    # The draft's cache holds what was decided before the tokens it has yet to be fed.
+    assert draft_runner.context + drafter._fed_before_root == PROMPT.tolist() + out[:-1]

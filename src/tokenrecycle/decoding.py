@@ -38,6 +38,7 @@ def speculative_decode(
     tokens plus the bonus token. The total never exceeds max_new_tokens: trees are cut to the
     depth that could still be used. The caller stops early (EOS, stop strings) by closing it.
     """
+    drafter.prepare(verifier)
     logits = runner.prefill(prompt_ids, reserve=max_new_tokens)
     drafter.start(prompt_ids, logits)
     token = verifier.first_token(logits[-1])

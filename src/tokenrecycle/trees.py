@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .errors import InvalidTemplateError
 
@@ -61,6 +62,9 @@ class DraftTree:
     depths: np.ndarray  # (n,) int64
     ancestor_mask: np.ndarray  # (n, n) bool
     source: np.ndarray  # (n,) int64: each node's index in the template it was grown from
+    # For drafts sampled from a draft model: row i is the distribution node i was drawn from (its
+    # siblings were drawn from the same one, without replacement, in node order); row 0 unused.
+    draft_probs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -123,6 +127,22 @@ def chain_tree(tokens: Sequence[int]) -> DraftTree:
     )
 
 
+def tree_from_parents(tokens: Sequence[int], parents: Sequence[int], draft_probs: torch.Tensor | None = None) -> DraftTree:
+    """A tree from each node's token and parent (parents before children, node 0 the root)."""
+    parents = np.asarray(parents, dtype=np.int64)
+    depths = np.zeros(len(parents), dtype=np.int64)
+    for node in range(1, len(parents)):
+        depths[node] = depths[parents[node]] + 1
+    return DraftTree(
+        tokens=np.asarray(tokens, dtype=np.int64),
+        parents=parents,
+        depths=depths,
+        ancestor_mask=ancestor_mask_from_parents(parents),
+        source=np.arange(len(parents), dtype=np.int64),
+        draft_probs=draft_probs,
+    )
+
+
 def tree_visibility(tree: DraftTree, start: int, window: int | None, first_key: int = 0) -> np.ndarray:
     """(n, start - first_key + n) bool: which keys each node may attend to (pure).
 
@@ -169,6 +189,7 @@ def prune(tree: CompiledTree | DraftTree, tokens: np.ndarray, keep: np.ndarray) 
         depths=tree.depths[kept],
         ancestor_mask=tree.ancestor_mask[np.ix_(kept, kept)],
         source=_source_of(tree)[kept],
+        draft_probs=None if getattr(tree, "draft_probs", None) is None else tree.draft_probs[torch.as_tensor(kept)],
     )
 
 

@@ -31,6 +31,14 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[np.ndarray, in
 
 
 def verify_sampled(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, draws: Draws) -> tuple[np.ndarray, int]:
+    """Sampling verification: by recursive rejection sampling for drafts drawn from a draft model
+    (the tree carries their distributions), else by drawing from the target at each node."""
+    if tree.draft_probs is not None:
+        return verify_drawn_drafts(tree, logits, sampling, draws)
+    return verify_fixed_drafts(tree, logits, sampling, draws)
+
+
+def verify_fixed_drafts(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, draws: Draws) -> tuple[np.ndarray, int]:
     """From the root, draw the next token from the target's distribution at the current node; if a
     child holds that token, accept it and go on from there, else the draw is the bonus token.
 
@@ -47,6 +55,50 @@ def verify_sampled(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, dr
         if child is None:
             return np.array(path), token
         path.append(child)
+
+
+def verify_drawn_drafts(tree: DraftTree, logits: torch.Tensor, sampling: Sampling, draws: Draws) -> tuple[np.ndarray, int]:
+    """Recursive rejection sampling (RSD, arXiv 2402.14160) over children drawn from q without
+    replacement; with one child per node it is speculative sampling's min(1, p/q) rule.
+
+    At a node with target distribution p: child x_i (drawn from q_i) is accepted with probability
+    min(1, p_i(x_i) / q_i(x_i)); on rejection p_{i+1} = normalised max(0, p_i - q_i) and q_{i+1} =
+    q_i without x_i, renormalised. If every child is rejected the bonus token is drawn from the
+    last p. Each accepted or drawn token then follows the target's distribution exactly.
+    """
+    path = [0]
+    while True:
+        p = sampling.probabilities(logits[path[-1]]).double()
+        children = np.flatnonzero(tree.parents == path[-1])
+        q = tree.draft_probs[children[0]].double() if len(children) else None
+        for child in children:
+            token = int(tree.tokens[child])
+            if draws.draw(bernoulli(min(1.0, float(p[token] / q[token])))) == 1:
+                path.append(int(child))
+                break
+            p, q = residual(p, q), without(q, token)
+        else:  # every child rejected, or a leaf: the bonus token
+            return np.array(path), draws.draw(p.float())
+
+
+def bernoulli(probability: float) -> torch.Tensor:
+    """[P(0), P(1)] for a coin that shows 1 with the given probability."""
+    return torch.tensor([1.0 - probability, probability], dtype=torch.float64)
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalised max(0, p - q): what p still owes after q's proposal was rejected."""
+    rest = torch.clamp(p - q, min=0)
+    total = rest.sum()
+    return rest / total if total > 0 else p
+
+
+def without(q: torch.Tensor, token: int) -> torch.Tensor:
+    """q after drawing `token` without replacement: that token removed, the rest renormalised."""
+    q = q.clone()
+    q[token] = 0
+    total = q.sum()
+    return q / total if total > 0 else q
 
 
 class GreedyVerifier:

@@ -11,6 +11,10 @@ from ..trees import DraftTree
 
 
 class Drafter(ABC):
+    def prepare(self, verifier) -> None:
+        """Told, before a request starts, how its tokens will be decided (greedy or sampling
+        settings and the draws). Drafters that sample their drafts need it; others ignore it."""
+
     @abstractmethod
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
         """A new request begins; the prompt's prefill logits are offered for seeding."""

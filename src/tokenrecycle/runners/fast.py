@@ -112,7 +112,9 @@ def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: b
 class FastRunner(ModelRunner):
     """Same answers as the transformers runner, far fewer and larger operations per step."""
 
-    def __init__(self, model: PreTrainedModel, quantize: str | None = None):
+    def __init__(self, model: PreTrainedModel, quantize: str | None = None, layers: int | None = None):
+        """`layers`: run only the first N decoder layers, then the final norm and the LM head (an
+        early-exit copy of the model that shares its weights: a draft model for free)."""
         config = model.config
         reason = fast_unsupported_reason(config)
         if reason:
@@ -133,9 +135,11 @@ class FastRunner(ModelRunner):
         self._num_heads = config.num_attention_heads
         self._num_kv_heads = config.num_key_value_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if layers is not None and not 1 <= layers <= len(decoder.layers):
+            raise InvalidOptionError(f"an early exit needs 1 to {len(decoder.layers)} layers, got {layers}")
         self._layers = [
             _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, LINEARS[quantize])
-            for i, layer in enumerate(decoder.layers)
+            for i, layer in enumerate(decoder.layers[:layers])
         ]
         self._windows = sorted({layer.window for layer in self._layers}, key=lambda w: -1 if w is None else w)
         self._rope_keys = sorted({layer.rope for layer in self._layers})

@@ -1,0 +1,104 @@
+"""Drafts from a draft model that shares the target's tokenizer: a chain (speculative sampling,
+with a length that follows acceptance) or a tree drawn without replacement (Recursive Speculative
+Decoding with a fixed branching per level).
+
+Under greedy decoding the drafts are the draft model's most likely tokens; under sampling they
+are drawn from its distribution (with the same sampling settings), and the tree carries those
+distributions so the verifier can apply (recursive) rejection sampling.
+
+The draft model runs on its own runner and KV cache. Its cache holds the decided tokens before
+the root; the tokens decided since the last step (the accepted path) are fed in front of the root
+in the first forward pass of the next step, and kept, so no step ever needs a rollback.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InvalidOptionError
+from ..runners import ModelRunner
+from ..trees import DraftTree, chain_tree, tree_from_parents
+from .base import Drafter
+
+
+class DraftModelDrafter(Drafter):
+    def __init__(self, runner: ModelRunner, branching: Sequence[int] = (1, 1, 1, 1), adaptive: bool = False, max_length: int = 8):
+        """branching[d]: children drawn per node at depth d (all 1: a chain). adaptive (chains
+        only): the length grows by one after a fully accepted chain and shrinks after a miss."""
+        if not branching or any(int(b) < 1 for b in branching):
+            raise InvalidOptionError(f"branching needs at least one level of at least one child, got {list(branching)}")
+        if adaptive and any(b != 1 for b in branching):
+            raise InvalidOptionError("an adaptive length is for chains (branching of ones)")
+        self.runner = runner
+        self.branching = [int(b) for b in branching]
+        self.adaptive = adaptive
+        self.max_length = max_length
+        self.sampling = None
+        self.draws = None
+        self._fed_before_root: list[int] = []
+
+    def prepare(self, verifier) -> None:
+        self.sampling = getattr(verifier, "sampling", None)
+        self.draws = getattr(verifier, "draws", None)
+
+    def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
+        self.runner.prefill(prompt_ids)
+        self._fed_before_root = []
+
+    def propose(self, root_token: int) -> DraftTree:
+        tokens, parents, dists = [root_token], [-1], [None]
+        frontier = [0]
+        for level, width in enumerate(self.branching):
+            logits = self._draft_logits(tokens, parents, first=level == 0)
+            grown = []
+            for node in frontier:
+                q = self._distribution(logits[node])
+                for token in self._children(logits[node], q, width):
+                    tokens.append(token)
+                    parents.append(node)
+                    dists.append(q)
+                    grown.append(len(tokens) - 1)
+            frontier = grown
+        probs = None if self.sampling is None else torch.stack([dists[1] if d is None else d for d in dists])
+        return tree_from_parents(tokens, parents, probs)
+
+    def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:
+        self._fed_before_root = tree.tokens[accepted].tolist()
+        if self.adaptive:
+            drafted = len(self.branching)
+            if len(accepted) - 1 == drafted:
+                self.branching = [1] * min(drafted + 1, self.max_length)
+            elif len(accepted) - 1 < drafted - 1 and drafted > 1:
+                self.branching = [1] * (drafted - 1)
+
+    # ---- the draft model -----------------------------------------------------------------
+    def _draft_logits(self, tokens: list[int], parents: list[int], first: bool) -> torch.Tensor:
+        """Draft logits for every node of the tree so far. The first pass of a step also runs the
+        tokens decided since the last step in front of the root, and keeps them in the cache."""
+        if first:
+            prefix = self._fed_before_root + tokens[:1]
+            logits = self.runner.forward_tree(chain_tree(prefix))
+            self.runner.commit(np.arange(len(prefix) - 1))  # all but the root, which is re-run below
+            return logits[-1:]
+        logits = self.runner.forward_tree(tree_from_parents(tokens, parents))
+        self.runner.commit(np.arange(0))  # drafts never stay in the cache
+        return logits
+
+    def _distribution(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The draft distribution under the request's sampling settings (None when greedy)."""
+        return None if self.sampling is None else self.sampling.probabilities(logits)
+
+    def _children(self, logits: torch.Tensor, q: torch.Tensor | None, width: int) -> list[int]:
+        """Greedy: the `width` most likely tokens. Sampling: `width` tokens drawn from q without
+        replacement, in the order drawn (the order the verifier tries them)."""
+        if q is None:
+            return torch.topk(logits, width).indices.tolist()
+        chosen, rest = [], q.clone().double()
+        for _ in range(min(width, int((q > 0).sum()))):
+            token = self.draws.draw(rest / rest.sum())
+            chosen.append(token)
+            rest[token] = 0
+        return chosen
