@@ -16,6 +16,7 @@ from tokenrecycle.bench.metrics import OVERALL, first_difference, summarize
 from tokenrecycle.bench.questions import BenchInputError
 from tokenrecycle.cli import main
 from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+from tiny_models import one_thread  # noqa: F401  (tiny models: one thread is fastest)
 
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},

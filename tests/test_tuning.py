@@ -16,6 +16,7 @@ from tokenrecycle.trees import compile_template
 from tokenrecycle.tuning import load_profile, profile_key, profile_path
 
 from test_bench import save_tiny_llama
+from tiny_models import one_thread  # noqa: F401  (tiny models: one thread is fastest)
 
 PROMPTS = ["Write a short poem about the sea.", "Count from one to ten.", "def add(a, b):"]
 

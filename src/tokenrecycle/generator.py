@@ -13,10 +13,11 @@ import torch
 
 from .decoding import GREEDY, speculative_decode
 from .drafters import AdaptiveTreeDrafter, Drafter, PlainDrafter, TokenRecyclingDrafter
+from .drafters.draft_model import DraftModelDrafter
 from .errors import EmptyPromptError, InvalidOptionError, PromptTooLongError
 from .hardware import auto_dtype
 from .models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
-from .runners import RUNNERS, make_runner
+from .runners import RUNNERS, FastRunner, make_runner
 from .sampling import Sampling
 from .text import OutputAssembler
 from .tree_choice import ADAPTIVE, AUTO, TUNED, TreeChoice, default_tree, resolve_tree
@@ -157,6 +158,26 @@ class Generator:
         profile = tuning.tune(self, seconds, progress)
         self.set_tree(AUTO)
         return profile
+
+    def draft_model_drafter(self, draft: str, branching: Sequence[int] = (1, 1, 1, 1), adaptive: bool = False) -> Drafter:
+        """A drafter that samples drafts from a draft model (chain: branching of ones; RSD tree:
+        wider levels). `draft`: `early-exit:N` (this model's first N layers, its final norm and LM
+        head, sharing its weights), `int4` (a 4-bit copy of this model) or a model that shares the
+        tokenizer (bundled name, GGUF file or directory). Pass it to generate(drafter=...)."""
+        return DraftModelDrafter(self._draft_runner(draft), branching, adaptive)
+
+    def _draft_runner(self, draft: str):
+        kind, _, layers = draft.partition(":")
+        if kind == "early-exit":
+            if not layers.isdigit():
+                raise InvalidOptionError(f"early-exit needs a layer count, as in early-exit:8, got '{draft}'")
+            return FastRunner(self.model, layers=int(layers))
+        if draft == "int4":
+            return make_runner(self.model, "fast", quantize="int4")
+        loaded = load_model(draft, self.dtype)
+        if loaded.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise InvalidOptionError(f"draft model {draft} does not share the target's tokenizer")
+        return make_runner(loaded.model)
 
     def new_drafter(self, hot_start: bool = True, tree: str | Sequence[Sequence[int]] | None = None) -> Drafter:
         """A Token Recycling drafter of its own (own table) for this runner: this generator's

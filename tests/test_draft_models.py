@@ -1,0 +1,69 @@
+"""Draft-model drafters on a real (tiny, random) model: derived drafts (early exit, int4) and a
+model of its own with the same tokenizer; greedy stays exact, seeded sampling repeats."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from tokenrecycle import Generator, InvalidOptionError
+from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+from tokenrecycle.sampling import Sampling
+
+from test_bench import save_tiny_llama
+from tiny_models import one_thread  # noqa: F401  (tiny models: one thread is fastest)
+
+PROMPTS = ["Write a short poem about the sea.", "def add(a, b):"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tokenizer = AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
+    root = tmp_path_factory.mktemp("draft_models")
+    return save_tiny_llama(root / "target", tokenizer, 3, 5), save_tiny_llama(root / "draft", tokenizer, 1, 6)
+
+
+@pytest.fixture(scope="module")
+def generator(models):
+    return Generator(models[0], dtype="float32", tree="none")
+
+
+@pytest.fixture(scope="module")
+def plain(generator):
+    return {prompt: generator.generate_plain(prompt, max_new_tokens=24).token_ids for prompt in PROMPTS}
+
+
+@pytest.mark.parametrize(
+    "draft, branching, adaptive",
+    [
+        ("early-exit:1", (1, 1, 1), False),
+        ("early-exit:1", (1,), True),
+        ("early-exit:1", (2, 2, 1), False),
+        ("early-exit:2", (3, 1), False),
+        ("own", (1, 1), True),
+    ],
+)
+def test_greedy_with_a_draft_model_is_exact(generator, models, plain, draft, branching, adaptive):
+    drafter = generator.draft_model_drafter(models[1] if draft == "own" else draft, branching, adaptive)
+    for prompt in PROMPTS:
+        assert generator.generate(prompt, max_new_tokens=24, drafter=drafter).token_ids == plain[prompt]
+
+
+def test_the_full_depth_early_exit_is_accepted_every_time(generator):
+    drafter = generator.draft_model_drafter("early-exit:3", (1, 1, 1))  # the target itself
+    result = generator.generate(PROMPTS[0], max_new_tokens=33, drafter=drafter)
+    assert result.accepted_lengths[1:] == [4] * 8
+
+
+def test_seeded_sampling_with_a_draft_model_repeats(generator):
+    sampling = Sampling(temperature=0.8, seed=7)
+    drafter = generator.draft_model_drafter("early-exit:2", (2, 1))
+    first = generator.generate(PROMPTS[0], max_new_tokens=24, drafter=drafter, sampling=sampling)
+    again = generator.generate(PROMPTS[0], max_new_tokens=24, drafter=drafter, sampling=sampling)
+    assert first.token_ids == again.token_ids
+
+
+@pytest.mark.parametrize("draft, message", [("early-exit:x", "layer count"), ("early-exit:9", "1 to 3 layers"), ("int4", "bfloat16")])
+def test_bad_drafts_are_refused(generator, draft, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        generator.draft_model_drafter(draft)
