@@ -69,6 +69,8 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--dtype", nargs="+", choices=["auto", *sorted(DTYPES)], default=["auto"], help="one report part per dtype")
     bench.add_argument("--methods", type=comma_list, default=None, help=f"comma-separated, from {','.join(BASE_METHODS)}; default {','.join(DEFAULT_METHODS)} (those available)")
     bench.add_argument("--trees", type=comma_list, default=None, help="trees for the Token Recycling methods (comma-separated); default: the runner's default")
+    bench.add_argument("--temperatures", type=float_list, default=(0.0,), help="comma-separated; 0 is greedy, others sample (top-k 50): e.g. 0,0.7,1.0")
+    bench.add_argument("--draft", default=None, help="draft for sps and rsd: early-exit:N, int4 or a model with the same tokenizer (default: an early exit after a quarter of the layers)")
     bench.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median counts")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--draft-model", default=None, help="draft model for hf-assisted (must share the tokenizer)")
@@ -80,6 +82,13 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--no-cost-curve", action="store_true", help="skip measuring the runners' forward time against tree size")
     bench.add_argument("--out", default="bench-results", help="directory for results.json, report.md and plots")
     bench.add_argument("--render", metavar="DIR", default=None, help="rebuild report.md and plots from DIR/results.json; run nothing")
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(item) for item in comma_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -215,8 +224,10 @@ def run_bench(args: argparse.Namespace) -> int:
         methods=args.methods,
         trees=args.trees,
         max_new_tokens=args.max_new_tokens,
+        temperatures=args.temperatures,
         repeats=args.repeats,
         draft_model=args.draft_model,
+        draft=args.draft,
         pld_tokens=args.pld_tokens,
         pld_ngram=args.pld_ngram,
         llamacpp_pld_tokens=args.llamacpp_pld_tokens,

@@ -276,7 +276,7 @@ class Generator:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
         start = time.perf_counter()
-        tokens = plain_greedy_tokens(self.model, prompt_ids, max_new_tokens, self.eos_ids, **options)
+        tokens = hf_generate(self.model, prompt_ids, max_new_tokens, self.eos_ids, **options)
         seconds = time.perf_counter() - start
         assembler = self._assembler(max_new_tokens, stop)
         assembler.add(tokens)
@@ -335,11 +335,11 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 @torch.inference_mode()
-def plain_greedy_tokens(
+def hf_generate(
     model, prompt_ids: np.ndarray, max_new_tokens: int, eos_ids: set[int], **generate_options
 ) -> list[int]:
-    """Greedy `model.generate`; generate_options pass through (prompt lookup, assistant model,
-    sampling settings)."""
+    """transformers' `model.generate`, greedy unless the options sample; options pass through
+    (prompt lookup, assistant model, sampling settings)."""
     ids = torch.as_tensor(prompt_ids, device=model.device)[None]
     generate_options.setdefault("do_sample", False)
     out = model.generate(

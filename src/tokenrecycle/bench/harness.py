@@ -22,6 +22,7 @@ from ..cost import forward_costs
 from ..errors import InvalidOptionError, PromptTooLongError, TokenRecycleError
 from ..hardware import machine_info
 from ..models import DEFAULT_MODEL
+from ..sampling import Sampling
 from ..tuning import load_profile
 from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .methods import (
@@ -53,8 +54,10 @@ class BenchConfig:
     methods: tuple[str, ...] | None = None  # None: the default set, skipping what is unavailable
     trees: tuple[str, ...] | None = None  # None: each runner's default tree
     max_new_tokens: int = 128
+    temperatures: tuple[float, ...] = (0.0,)  # 0: greedy; others sample (top-k 50, as transformers)
     repeats: int = 1
-    draft_model: str | None = None
+    draft_model: str | None = None  # for hf-assisted
+    draft: str | None = None  # for sps and rsd: early-exit:N, int4 or a model; None: early exit at a quarter
     pld_tokens: int = 5
     pld_ngram: int = 2
     llamacpp_pld_tokens: int = 3
@@ -69,6 +72,8 @@ class BenchConfig:
             raise InvalidOptionError(f"--repeats must be at least 1, got {self.repeats}")
         if not self.questions:
             raise InvalidOptionError("no questions to run")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise InvalidOptionError(f"--temperatures must be 0 (greedy) or positive, got {list(self.temperatures)}")
         unknown = [m for m in self.methods or () if m not in BASE_METHODS]
         if unknown:
             raise InvalidOptionError(f"unknown method '{unknown[0]}' (known: {', '.join(BASE_METHODS)})")
@@ -123,8 +128,9 @@ def settings_of(config: BenchConfig) -> dict:
 def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchProgress) -> None:
     start = time.perf_counter()
     factory = MethodFactory(
-        config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram, config.llamacpp_pld_tokens
-    )
+        config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram, config.llamacpp_pld_tokens,
+        config.draft,
+    )  # fmt: skip
     before = current_rss_bytes()
     generator = factory.generator
     section = {
@@ -163,24 +169,33 @@ def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) ->
     """Each method asked for; one that cannot run here is an error when asked for by name and
     a note in the report when it was only part of the default set."""
     methods = []
-    for name, base, tree in method_names(config.method_list(), list(config.trees) if config.trees else None):
-        before = current_rss_bytes()
-        try:
-            method = factory.build(base, tree, name)
-        except MethodUnavailable as exc:
-            if config.methods is not None and base in config.methods:
-                raise MethodUnavailable(f"method {name}: {exc}") from None
-            section["unavailable"][name] = str(exc)
-            continue
-        methods.append(method)
-        section["methods"][name] = {
-            "base": base,
-            "baseline": method.baseline,
-            "description": method.description,
-            "settings": method.settings,
-            "memory_added_bytes": max(current_rss_bytes() - before, 0),
-            "drafter_bytes": method.drafter_bytes,
-        }
+    names = method_names(config.method_list(), list(config.trees) if config.trees else None)
+    for temperature in config.temperatures:
+        # Sampled runs are methods of their own, named with the temperature, against plain
+        # sampling at that temperature on their runtime.
+        sampling = Sampling(temperature=temperature) if temperature > 0 else None
+        suffix = f"~t{temperature:g}" if sampling else ""
+        for name, base, tree in names:
+            before = current_rss_bytes()
+            try:
+                method = factory.build(base, tree, name + suffix)
+            except MethodUnavailable as exc:
+                if config.methods is not None and base in config.methods:
+                    raise MethodUnavailable(f"method {name}: {exc}") from None
+                section["unavailable"][name + suffix] = str(exc)
+                continue
+            method.sampling = sampling
+            method.baseline = method.baseline and method.baseline + suffix
+            methods.append(method)
+            section["methods"][method.name] = {
+                "base": base,
+                "baseline": method.baseline,
+                "description": method.description,
+                "settings": method.settings,
+                "temperature": temperature,
+                "memory_added_bytes": max(current_rss_bytes() - before, 0),
+                "drafter_bytes": method.drafter_bytes,
+            }
     return methods
 
 

@@ -6,6 +6,9 @@ token ids, time and accepted lengths out.
   Recycling with a table kept across requests (hot) or restarted per request from the prompt (cold).
 - `tr-hf`: Token Recycling on the transformers runner; `int4-plain`, `int4-tr`: the fast runner
   with 4-bit weights (a model of its own, so checked against its own plain decoding).
+- `sps`, `rsd`: drafts sampled from a draft model (by default an early exit of the target: its
+  first quarter of layers): a chain with an adaptive length (speculative sampling) and a tree
+  drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1).
 - `hf-pld`, `hf-assisted`: transformers' prompt lookup and assisted decoding (a draft model that
   shares the tokenizer).
 - `llamacpp`, `llamacpp-pld`: llama.cpp plain greedy decoding of the same GGUF, and its prompt
@@ -27,12 +30,13 @@ import torch
 
 from ..drafters import AdaptiveTreeDrafter, Drafter
 from ..errors import TokenRecycleError
-from ..generator import Generator, plain_greedy_tokens
+from ..generator import Generator, hf_generate
 from ..models import LoadedModel, load_model, resolve
 from ..runners import HFRunner
+from ..sampling import Sampling
 
 BASE_METHODS = (
-    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr",
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd",
     "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
 )  # fmt: skip
 DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
@@ -57,6 +61,7 @@ class Method(ABC):
     baseline: str | None  # plain decoding on the same runtime; None for the reference itself
     description: str
     settings: dict = field(default_factory=dict)
+    sampling: Sampling | None = None  # None: greedy
 
     @abstractmethod
     def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun: ...
@@ -68,7 +73,7 @@ class Method(ABC):
 
 @dataclass
 class TransformersMethod(Method):
-    """`model.generate`, greedy, with optional generation options (prompt lookup, assistant)."""
+    """`model.generate` with optional generation options (prompt lookup, assistant)."""
 
     model: torch.nn.Module = None
     eos_ids: set[int] = field(default_factory=set)
@@ -84,7 +89,8 @@ class TransformersMethod(Method):
         hook = self.model.register_forward_pre_hook(record_cache_length, with_kwargs=True)
         try:
             start = time.perf_counter()
-            tokens = plain_greedy_tokens(self.model, prompt_ids, max_new_tokens, self.eos_ids, **self.options)
+            options = {**self.options, **(self.sampling.generate_options() if self.sampling else {})}
+            tokens = hf_generate(self.model, prompt_ids, max_new_tokens, self.eos_ids, **options)
             seconds = time.perf_counter() - start
         finally:
             hook.remove()
@@ -99,7 +105,7 @@ def decided_per_call(cache_lengths: list[int], prompt_tokens: int, new_tokens: i
 
 
 @dataclass
-class TokenRecyclingMethod(Method):
+class OwnLoopMethod(Method):
     """tokenrecycle's own loop on a generator's runner, with a drafter of its own (None: plain)."""
 
     generator: Generator = None
@@ -107,7 +113,7 @@ class TokenRecyclingMethod(Method):
 
     def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
         plain = self.drafter is None
-        result = self.generator.generate(prompt_ids, max_new_tokens, plain=plain, drafter=self.drafter)
+        result = self.generator.generate(prompt_ids, max_new_tokens, plain=plain, drafter=self.drafter, sampling=self.sampling)
         return MethodRun(result.token_ids, result.seconds, result.accepted_lengths)
 
     @property
@@ -117,7 +123,7 @@ class TokenRecyclingMethod(Method):
 
 @dataclass
 class LlamaCppMethod(Method):
-    """llama.cpp greedy decoding through llama-cpp-python, fed the same token ids."""
+    """llama.cpp decoding through llama-cpp-python, fed the same token ids."""
 
     llm: object = None
     eos_ids: set[int] = field(default_factory=set)
@@ -136,7 +142,7 @@ class LlamaCppMethod(Method):
         llm.eval = counting_eval
         try:
             start = time.perf_counter()
-            for token in llm.generate(prompt_ids.tolist(), top_k=1, temp=0.0, reset=True):
+            for token in llm.generate(prompt_ids.tolist(), reset=True, **self._sampler_options()):
                 tokens.append(int(token))
                 if token in self.eos_ids or len(tokens) >= max_new_tokens:
                     break
@@ -145,6 +151,12 @@ class LlamaCppMethod(Method):
             del llm.eval
         marks = tokens_at_eval + [len(tokens)]
         return MethodRun(tokens, seconds, [b - a for a, b in zip(marks, marks[1:]) if b > a])
+
+    def _sampler_options(self) -> dict:
+        if self.sampling is None:
+            return {"top_k": 1, "temp": 0.0}
+        s = self.sampling
+        return {"temp": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p or 0.0}
 
 
 class MethodFactory:
@@ -158,8 +170,10 @@ class MethodFactory:
         pld_tokens: int = 5,
         pld_ngram: int = 2,
         llamacpp_pld_tokens: int = 3,
+        draft: str | None = None,
     ):
         self.model_spec = model
+        self.draft = draft  # for sps and rsd; None: an early exit after a quarter of the layers
         self.dtype = dtype
         self.draft_model = draft_model
         self.pld = {"prompt_lookup_num_tokens": pld_tokens, "max_matching_ngram_size": pld_ngram}
@@ -207,7 +221,7 @@ class MethodFactory:
 
     def _plain(self, name):
         g = self.generator
-        return TokenRecyclingMethod(name, REFERENCE, f"tokenrecycle, one token per step ({g.runner_name})", generator=g)
+        return OwnLoopMethod(name, REFERENCE, f"tokenrecycle, one token per step ({g.runner_name})", generator=g)
 
     def _tr(self, name, tree):
         return self._recycling(name, self.generator, tree, hot=True, baseline="plain")
@@ -219,13 +233,26 @@ class MethodFactory:
         return self._recycling(name, self.hf_generator, tree, hot=True, baseline=REFERENCE)
 
     def _int4_plain(self, name):
-        return TokenRecyclingMethod(
+        return OwnLoopMethod(
             name, REFERENCE, "tokenrecycle, one token per step, int4 weights", {"quantize": "int4"},
             generator=self.int4_generator,
         )  # fmt: skip
 
     def _int4_tr(self, name, tree):
         return self._recycling(name, self.int4_generator, tree, hot=True, baseline="int4-plain")
+
+    def _sps(self, name):
+        return self._draft_model(name, (1,), adaptive=True, kind="speculative sampling, adaptive chain")
+
+    def _rsd(self, name):
+        return self._draft_model(name, (2, 2, 1), adaptive=False, kind="recursive speculative decoding, tree 2-2-1")
+
+    def _draft_model(self, name, branching, adaptive: bool, kind: str) -> OwnLoopMethod:
+        g = self.generator
+        draft = self.draft or f"early-exit:{max(1, g.model.config.num_hidden_layers // 4)}"
+        drafter = g.draft_model_drafter(draft, branching, adaptive)
+        settings = {"draft": draft, "branching": list(branching), "adaptive_length": adaptive}
+        return OwnLoopMethod(name, "plain", f"{kind}, drafts from {draft}", settings, generator=g, drafter=drafter)
 
     def _hf_pld(self, name):
         return self._transformers(name, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
@@ -261,7 +288,7 @@ class MethodFactory:
             model=self.loaded.model, eos_ids=self.generator.eos_ids, options=options,
         )  # fmt: skip
 
-    def _recycling(self, name, generator: Generator, tree, hot: bool, baseline: str) -> TokenRecyclingMethod:
+    def _recycling(self, name, generator: Generator, tree, hot: bool, baseline: str) -> OwnLoopMethod:
         drafter = generator.new_drafter(hot_start=hot, tree=tree)
         tree_name = tree or generator.tree_name
         start = "hot start (table kept across requests)" if hot else "cold start (table restarted per request)"
@@ -271,7 +298,7 @@ class MethodFactory:
         if drafter.budget is None and not isinstance(drafter, AdaptiveTreeDrafter):  # the same tree every step
             settings["paths"] = [list(path) for path in drafter.template.paths[1:]]
         settings.update(hot_start=hot, topk=generator.topk, runner=generator.runner_name)
-        return TokenRecyclingMethod(
+        return OwnLoopMethod(
             name, baseline, f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}", settings,
             generator=generator, drafter=drafter,
         )  # fmt: skip

@@ -49,11 +49,18 @@ def header(results: dict) -> str:
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} threads; {versions}\n"
         f"- Prompts: {settings['questions']} questions ({settings['turns']} turns) from {settings['question_source']}; "
         f"categories: {', '.join(settings['categories'])}\n"
-        f"- Greedy decoding, up to {settings['max_new_tokens']} new tokens per turn, {settings['repeats']} repeat(s), "
+        f"- {decoding_text(settings.get('temperatures', [0.0]))}, up to {settings['max_new_tokens']} new tokens per turn, {settings['repeats']} repeat(s), "
         f"{settings['warm_up']} warm-up prompts; methods interleaved per prompt in rotating order; started {results['started']}\n"
         "- tokens/s: median over prompts. Speedup: ratio of a method's median tokens/s to its baseline's "
         "(plain decoding on its own runtime). MAT: new tokens per forward pass of the target, prefill included."
     )
+
+
+def decoding_text(temperatures: list[float]) -> str:
+    sampled = [f"{t:g}" for t in temperatures if t > 0]
+    greedy = "greedy decoding" if 0 in temperatures else ""
+    samples = f"sampling at temperature {', '.join(sampled)} (top-k 50; methods named ~tT)" if sampled else ""
+    return " and ".join(part for part in (greedy, samples) if part).capitalize()
 
 
 def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], checks, plots: list[Path]) -> str:
