@@ -3,6 +3,8 @@ model of its own with the same tokenizer; greedy stays exact, seeded sampling re
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -67,3 +69,21 @@ def test_seeded_sampling_with_a_draft_model_repeats(generator):
 def test_bad_drafts_are_refused(generator, draft, message):
     with pytest.raises(InvalidOptionError, match=message):
         generator.draft_model_drafter(draft)
+
+
+def test_cli_generate_with_a_draft_model(models, capsys):
+    from tokenrecycle.cli import main
+
+    base = ["generate", "--model", models[0], "--dtype", "float32", "--tree", "none", "--max-new-tokens", "12", "--json"]
+    assert main(base + ["--draft", "early-exit:1", "hi"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert main(base + ["--draft", "early-exit:2", "--draft-shape", "2,1", "hi"]) == 0
+    tree = json.loads(capsys.readouterr().out)
+    assert chain["token_ids"] == tree["token_ids"] and chain["draft"] == "early-exit:1"
+    assert main(base + ["--draft", "early-exit:1", "--draft-shape", "wide", "hi"]) == 2
+    assert "--draft-shape must be chain" in capsys.readouterr().err
+    assert main(base + ["--draft", "early-exit:1", "--temperature", "0.8", "--seed", "3", "hi"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(base + ["--draft", "early-exit:1", "--temperature", "0.8", "--seed", "3", "hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == first["token_ids"]
+    assert first["sampling"]["temperature"] == 0.8

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus, the smallest set with this much probability")
     gen.add_argument("--min-p", type=float, default=None, help="sampling: drop tokens below this fraction of the top token's probability")
     gen.add_argument("--seed", type=int, default=None, help="sampling: seed for a repeatable sample")
+    gen.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
+    gen.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling) or W1,W2,... children per level (a tree drawn without replacement: RSD)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
@@ -130,7 +132,8 @@ def run_generate(args: argparse.Namespace) -> int:
         generator.load_table(args.table)
     if args.compare:
         warm_up(generator, chat)
-    generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat, sampling=sampling)
+    drafter = draft_model_drafter(generator, args.draft, args.draft_shape) if args.draft else None
+    generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat, drafter=drafter, sampling=sampling)
     for piece in generation:
         if not args.json:
             print(piece, end="", flush=True)
@@ -143,15 +146,17 @@ def run_generate(args: argparse.Namespace) -> int:
         "dtype_reason": generator.dtype_reason,
         "runner": generator.runner_name,
         "quantize": args.quantize,
-        "tree": generator.tree_name,
+        "tree": generator.tree_name if not args.draft else None,
+        "draft": args.draft,
         "tree_reason": generator.tree_reason,
         "sampling": asdict(sampling) if sampling else None,
         "drafter_bytes": generator.drafter.memory_bytes,
         **result.to_dict(),
     }
     if not args.json:
+        drafting = f"draft {args.draft} ({args.draft_shape})" if args.draft else f"tree {generator.tree_name}"
         print(
-            f"\n\n[tokenrecycle] {result.stats_line()} · tree {generator.tree_name} · "
+            f"\n\n[tokenrecycle] {result.stats_line()} · {drafting} · "
             f"{generator.dtype} ({generator.dtype_reason}) · {generator.runner_name}",
             file=sys.stderr,
         )
@@ -252,6 +257,16 @@ def identical_text(identical: bool, dtype: str, sampled: bool = False) -> str:
         # Batched verification is not bit-identical to one-token decoding in 16-bit arithmetic.
         return f"no ({dtype} rounding flips near-ties; outputs are token-exact in float32)"
     return "NO"
+
+
+def draft_model_drafter(generator, draft: str, shape: str):
+    if shape == "chain":
+        return generator.draft_model_drafter(draft, (1,), adaptive=True)
+    try:
+        branching = [int(width) for width in shape.split(",")]
+    except ValueError:
+        raise InvalidOptionError(f"--draft-shape must be chain or comma-separated widths like 2,2,1, got '{shape}'") from None
+    return generator.draft_model_drafter(draft, branching)
 
 
 def sampling_of(args: argparse.Namespace):
