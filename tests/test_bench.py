@@ -8,15 +8,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
 
 from tokenrecycle.bench import default_questions, per_category, read_questions
 from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun, decided_per_call
 from tokenrecycle.bench.metrics import OVERALL, first_difference, summarize
 from tokenrecycle.bench.questions import BenchInputError
 from tokenrecycle.cli import main
-from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
-from tiny_models import one_thread  # noqa: F401  (tiny models: one thread is fastest)
+
+from tiny_models import one_thread, save_tiny_pair  # noqa: F401  (tiny models: one thread is fastest)
 
 QUESTIONS = [
     {"question_id": 1, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
@@ -27,26 +27,10 @@ QUESTIONS = [
 OUTPUTS = ("results.json", "report.md", "speedup_float32.png", "accepted_float32.png", "cost_float32.png")
 
 
-def save_tiny_llama(path, tokenizer, layers: int, seed: int):
-    import torch
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        num_hidden_layers=layers, vocab_size=len(tokenizer), max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """A tiny target and a tiny draft that share SmolLM2's tokenizer (and its chat template)."""
-    tokenizer = AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
-    root = tmp_path_factory.mktemp("tiny")
-    return save_tiny_llama(root / "target", tokenizer, 2, 0), save_tiny_llama(root / "draft", tokenizer, 1, 1)
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny"), target_layers=2, seeds=(0, 1))
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
+
 
 from tokenrecycle import Generator, InvalidOptionError
-from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+
 from tokenrecycle.sampling import Sampling
 
-from test_bench import save_tiny_llama
-from tiny_models import one_thread  # noqa: F401  (tiny models: one thread is fastest)
+from tiny_models import one_thread, save_tiny_pair  # noqa: F401  (tiny models: one thread is fastest)
 
 PROMPTS = ["Write a short poem about the sea.", "def add(a, b):"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tokenizer = AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
-    root = tmp_path_factory.mktemp("draft_models")
-    return save_tiny_llama(root / "target", tokenizer, 3, 5), save_tiny_llama(root / "draft", tokenizer, 1, 6)
+    return save_tiny_pair(tmp_path_factory.mktemp("draft_models"), target_layers=3, seeds=(5, 6))
 
 
 @pytest.fixture(scope="module")

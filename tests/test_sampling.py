@@ -54,16 +54,16 @@ def output_of(make_verifier, make_drafter) -> dict[tuple, float]:
     return output_distribution(SoftRunner, make_drafter, make_verifier, PROMPT, TOKENS)
 
 
-def plain_distribution(sampling: Sampling) -> dict[tuple, float]:
+def plain_distribution(sampling: Sampling, logits=model_logits, vocab: int = V, tokens: int = TOKENS) -> dict[tuple, float]:
     """Plain sampling, from the model directly: the product of the processed conditionals."""
     distribution = {}
-    for tokens in itertools.product(range(V), repeat=TOKENS):
+    for sequence in itertools.product(range(vocab), repeat=tokens):
         context, probability = list(PROMPT), 1.0
-        for token in tokens:
-            probability *= float(sampling.probabilities(model_logits(context))[token])
+        for token in sequence:
+            probability *= float(sampling.probabilities(logits(context))[token])
             context.append(token)
         if probability > 0:
-            distribution[tokens] = probability
+            distribution[sequence] = probability
     return distribution
 
 
@@ -171,18 +171,6 @@ SMALL_SETTINGS = [Sampling(top_k=0), Sampling(temperature=0.7, top_k=2), Samplin
 DRAFT_SHAPES = {"chain": dict(branching=(1, 1)), "adaptive chain": dict(branching=(1,), adaptive=True), "rsd tree": dict(branching=(2, 1))}
 
 
-def small_plain_distribution(sampling: Sampling, tokens: int = 2) -> dict[tuple, float]:
-    distribution = {}
-    for sequence in itertools.product(range(SMALL_V), repeat=tokens):
-        context, probability = list(PROMPT), 1.0
-        for token in sequence:
-            probability *= float(sampling.probabilities(small_logits(context))[token])
-            context.append(token)
-        if probability > 0:
-            distribution[sequence] = probability
-    return distribution
-
-
 @pytest.mark.parametrize("sampling", SMALL_SETTINGS, ids=str)
 @pytest.mark.parametrize("shape", DRAFT_SHAPES)
 def test_draft_model_sampling_has_plain_samplings_distribution(sampling, shape):
@@ -190,7 +178,7 @@ def test_draft_model_sampling_has_plain_samplings_distribution(sampling, shape):
         return DraftModelDrafter(SmallRunner("draft"), **DRAFT_SHAPES[shape])
 
     actual = output_distribution(SmallRunner, drafter, lambda draws: SamplingVerifier(sampling, draws), PROMPT, 3)
-    assert_same(actual, small_plain_distribution(sampling, 3), tolerance=1e-7)  # float32 p / q ratios
+    assert_same(actual, plain_distribution(sampling, small_logits, SMALL_V, 3), tolerance=1e-7)  # float32 p / q ratios
 
 
 @pytest.mark.parametrize("shape", DRAFT_SHAPES)

@@ -6,25 +6,23 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+
 
 from tokenrecycle import Generator
 from tokenrecycle.cli import main
 from tokenrecycle.drafters import AdaptiveTreeDrafter
-from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+
 from tokenrecycle.trees import compile_template
 from tokenrecycle.tuning import load_profile, profile_key, profile_path
 
-from test_bench import save_tiny_llama
-from tiny_models import one_thread  # noqa: F401  (tiny models: one thread is fastest)
+from tiny_models import one_thread, save_tiny_llama, smollm2_tokenizer  # noqa: F401  (tiny models: one thread is fastest)
 
 PROMPTS = ["Write a short poem about the sea.", "Count from one to ten.", "def add(a, b):"]
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    tokenizer = AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", tokenizer, 2, 3)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", smollm2_tokenizer(), 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +70,14 @@ def test_profiles_are_invalidated_by_what_they_depend_on(tuned, tiny_model, monk
         assert profile_key(generator) != profile.key and load_profile(generator) is None
     assert Generator(tiny_model, dtype="float32", runner="hf").tree_name == "tr4"  # another runner: not tuned
     path = profile_path(profile.key)
-    path.write_text(path.read_text()[:-20])  # damaged: ignored, tuned again when asked
+    saved = path.read_text()
+    path.write_text(saved[:-20])  # damaged: ignored, tuned again when asked
     assert load_profile(generator) is None
-    stale = json.loads(json.dumps(profile.to_json()))
+    stale = json.loads(saved)
     stale["key"]["version"] = 0
     path.write_text(json.dumps(stale))
     assert load_profile(generator) is None
+    path.write_text(saved)  # the other tests use it
 
 
 def test_auto_tree_is_lossless(tuned):

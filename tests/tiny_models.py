@@ -83,3 +83,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tokenrecycle.models import bundled_gguf, gguf_to_safetensors
+
+    return AutoTokenizer.from_pretrained(gguf_to_safetensors(bundled_gguf("smollm2")))
+
+
+def save_tiny_llama(path, tokenizer, layers: int, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_hidden_layers=layers, vocab_size=len(tokenizer), max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_pair(root, target_layers: int, seeds=(0, 1)) -> tuple[str, str]:
+    """A tiny target and a one-layer draft that share SmolLM2's tokenizer (and chat template)."""
+    tokenizer = smollm2_tokenizer()
+    return save_tiny_llama(root / "target", tokenizer, target_layers, seeds[0]), save_tiny_llama(root / "draft", tokenizer, 1, seeds[1])
