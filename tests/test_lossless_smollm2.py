@@ -55,12 +55,17 @@ def baselines(smollm2):
     return {p: smollm2.generate_plain(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
 
 
+# All 32 prompts for the float32 default, the largest and the dynamic tree; every other prompt for
+# the rest (the budget of `make test` is about 20 minutes on two cores).
+FULL_CHECK = {"tr4", "tr80", "dyn16"}
+
+
 @pytest.mark.parametrize("template", sorted(TEMPLATES) + ["dyn16"])
 def test_every_template_matches_plain_greedy(smollm2, baselines, template):
     smollm2.set_tree(template)
     mismatches = []
     accepted = []
-    for prompt in PROMPTS:
+    for prompt in PROMPTS if template in FULL_CHECK else PROMPTS[::2]:
         result = smollm2.generate(prompt, max_new_tokens=MAX_NEW)
         accepted.append(result.mean_accepted)
         if result.token_ids != baselines[prompt]:
@@ -146,3 +151,38 @@ def test_streamed_pieces_join_to_the_result_text(smollm2):
     generation = smollm2.stream(PROMPTS[8], max_new_tokens=48)
     pieces = list(generation)
     assert "".join(pieces) == generation.result.text and len(pieces) > 1
+
+
+def test_sampling_with_token_recycling_is_exact_on_the_real_model(smollm2):
+    """Exact output distribution of three sampled tokens (top-k 2: eight outcomes, enumeration.py)
+    against the model's own conditionals, with a warm table so drafts are accepted."""
+    import torch
+
+    from enumeration import output_distribution
+    from tokenrecycle.sampling import Sampling
+    from tokenrecycle.verify import SamplingVerifier
+
+    sampling = Sampling(temperature=0.8, top_k=2)
+    prompt = smollm2.encode(PROMPTS[14])
+    smollm2.set_tree("tr8")
+    smollm2.generate(PROMPTS[14], max_new_tokens=32)  # warm the table on this text
+    table = smollm2.drafter.table.copy()
+
+    def drafter():
+        smollm2.drafter.table[:] = table
+        return smollm2.drafter
+
+    actual = output_distribution(lambda: smollm2.runner, drafter, lambda d: SamplingVerifier(sampling, d), prompt, 3)
+    expected = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(3):
+            grown = {}
+            for prefix, probability in expected.items():
+                ids = torch.tensor([prompt.tolist() + list(prefix)])
+                probs = sampling.probabilities(smollm2.model(ids).logits[0, -1])
+                for token in torch.nonzero(probs).flatten().tolist():
+                    grown[prefix + (token,)] = probability * float(probs[token])
+            expected = grown
+    assert set(actual) == set(expected)
+    for outcome, probability in expected.items():
+        assert actual[outcome] == pytest.approx(probability, abs=1e-5), outcome
