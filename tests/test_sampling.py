@@ -54,11 +54,11 @@ def output_of(make_verifier, make_drafter) -> dict[tuple, float]:
     return output_distribution(SoftRunner, make_drafter, make_verifier, PROMPT, TOKENS)
 
 
-def plain_distribution(sampling: Sampling, logits=model_logits, vocab: int = V, tokens: int = TOKENS) -> dict[tuple, float]:
+def plain_distribution(sampling: Sampling, logits=model_logits, vocab: int = V, tokens: int = TOKENS, prompt=PROMPT) -> dict[tuple, float]:
     """Plain sampling, from the model directly: the product of the processed conditionals."""
     distribution = {}
     for sequence in itertools.product(range(vocab), repeat=tokens):
-        context, probability = list(PROMPT), 1.0
+        context, probability = list(prompt), 1.0
         for token in sequence:
             probability *= float(sampling.probabilities(logits(context))[token])
             context.append(token)

@@ -9,6 +9,7 @@ token ids, time and accepted lengths out.
 - `sps`, `rsd`: drafts sampled from a draft model (by default an early exit of the target: its
   first quarter of layers): a chain with an adaptive length (speculative sampling) and a tree
   drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1).
+- `lookup`: tokenrecycle's prompt lookup drafter (several earlier continuations merged in a tree).
 - `hf-pld`, `hf-assisted`: transformers' prompt lookup and assisted decoding (a draft model that
   shares the tokenizer).
 - `llamacpp`, `llamacpp-pld`: llama.cpp plain greedy decoding of the same GGUF, and its prompt
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..drafters import AdaptiveTreeDrafter, Drafter
+from ..drafters.lookup import LookupDrafter
 from ..errors import TokenRecycleError
 from ..generator import Generator, hf_generate
 from ..models import LoadedModel, load_model, resolve
@@ -36,7 +38,7 @@ from ..runners import HFRunner
 from ..sampling import Sampling
 
 BASE_METHODS = (
-    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd",
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "lookup",
     "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
 )  # fmt: skip
 DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
@@ -253,6 +255,11 @@ class MethodFactory:
         drafter = g.draft_model_drafter(draft, branching, adaptive)
         settings = {"draft": draft, "branching": list(branching), "adaptive_length": adaptive}
         return OwnLoopMethod(name, "plain", f"{kind}, drafts from {draft}", settings, generator=g, drafter=drafter)
+
+    def _lookup(self, name):
+        drafter = LookupDrafter()
+        settings = {"max_ngram": drafter.max_ngram, "candidates": drafter.candidates, "depth": drafter.depth, "budget": drafter.budget}
+        return OwnLoopMethod(name, "plain", "prompt lookup, continuations merged in a tree", settings, generator=self.generator, drafter=drafter)
 
     def _hf_pld(self, name):
         return self._transformers(name, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
