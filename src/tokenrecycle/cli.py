@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(tune)
     tune.add_argument("--seconds", type=float, default=60.0, help="about how long to measure")
     tune.add_argument("--show", action="store_true", help="print the saved profile; measure nothing")
+    index = commands.add_parser("index", help="build a retrieval datastore from a corpus, once")
+    index.add_argument("corpus", nargs="+", help=".txt files (one document each) or .jsonl files (a document per line: its 'text', else its string values)")
+    index.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer to use")
+    index.add_argument("--out", required=True, help="the datastore file to write (.npz)")
     add_bench_parser(commands)
     return parser
 
@@ -73,6 +77,7 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--trees", type=comma_list, default=None, help="trees for the Token Recycling methods (comma-separated); default: the runner's default")
     bench.add_argument("--temperatures", type=float_list, default=(0.0,), help="comma-separated; 0 is greedy, others sample (top-k 50): e.g. 0,0.7,1.0")
     bench.add_argument("--draft", default=None, help="draft for sps and rsd: early-exit:N, int4 or a model with the same tokenizer (default: an early exit after a quarter of the layers)")
+    bench.add_argument("--datastore", default=None, help="for retrieval: a datastore file made by tokenrecycle index")
     bench.add_argument("--repeats", type=int, default=1, help="runs per prompt and method; the median counts")
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument("--draft-model", default=None, help="draft model for hf-assisted (must share the tokenizer)")
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad option already reported in one line
         return int(exit_request.code or 0)
     try:
-        commands = {"generate": run_generate, "tune": run_tune, "bench": run_bench}
+        commands = {"generate": run_generate, "tune": run_tune, "bench": run_bench, "index": run_index}
         return commands[args.command](args)
     except TokenRecycleError as exc:
         print(f"tokenrecycle: error: {exc}", file=sys.stderr)
@@ -201,6 +206,22 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_index(args: argparse.Namespace) -> int:
+    import time
+
+    from .datastore import build_datastore
+
+    start = time.perf_counter()
+    automaton, documents = build_datastore(args.corpus, args.model, args.out)
+    seconds = time.perf_counter() - start
+    size = Path(args.out).stat().st_size
+    print(
+        f"{args.out}: {documents} documents, {automaton.tokens} tokens, {len(automaton.length)} states, "
+        f"{size / 2**20:.1f} MiB, built in {seconds:.1f} s"
+    )
+    return 0
+
+
 def tune_with_progress(generator, seconds: float):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -233,6 +254,7 @@ def run_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         draft_model=args.draft_model,
         draft=args.draft,
+        datastore=args.datastore,
         pld_tokens=args.pld_tokens,
         pld_ngram=args.pld_ngram,
         llamacpp_pld_tokens=args.llamacpp_pld_tokens,

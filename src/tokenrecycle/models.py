@@ -90,6 +90,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=path, dtype=dtype)
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """Only a model's tokenizer (a GGUF is converted once, as for load_model)."""
+    path = resolve(spec)
+    directory = gguf_to_safetensors(path) if path.is_file() else path
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
 def _load_directory(directory: Path, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)

@@ -58,6 +58,7 @@ class BenchConfig:
     repeats: int = 1
     draft_model: str | None = None  # for hf-assisted
     draft: str | None = None  # for sps and rsd: early-exit:N, int4 or a model; None: early exit at a quarter
+    datastore: str | None = None  # for retrieval: a file from tokenrecycle index
     pld_tokens: int = 5
     pld_ngram: int = 2
     llamacpp_pld_tokens: int = 3
@@ -129,7 +130,7 @@ def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchP
     start = time.perf_counter()
     factory = MethodFactory(
         config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram, config.llamacpp_pld_tokens,
-        config.draft,
+        config.draft, config.datastore,
     )  # fmt: skip
     before = current_rss_bytes()
     generator = factory.generator

@@ -10,6 +10,8 @@ token ids, time and accepted lengths out.
   first quarter of layers): a chain with an adaptive length (speculative sampling) and a tree
   drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1).
 - `lookup`: tokenrecycle's prompt lookup drafter (several earlier continuations merged in a tree).
+- `retrieval`: the most frequent continuations from a suffix automaton over `--datastore` (if
+  given), the prompts and the earlier outputs of the run.
 - `hf-pld`, `hf-assisted`: transformers' prompt lookup and assisted decoding (a draft model that
   shares the tokenizer).
 - `llamacpp`, `llamacpp-pld`: llama.cpp plain greedy decoding of the same GGUF, and its prompt
@@ -31,6 +33,8 @@ import torch
 
 from ..drafters import AdaptiveTreeDrafter, Drafter
 from ..drafters.lookup import LookupDrafter
+from ..drafters.retrieval import RetrievalDrafter
+from ..suffix_automaton import SuffixAutomaton
 from ..errors import TokenRecycleError
 from ..generator import Generator, hf_generate
 from ..models import LoadedModel, load_model, resolve
@@ -38,7 +42,7 @@ from ..runners import HFRunner
 from ..sampling import Sampling
 
 BASE_METHODS = (
-    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "lookup",
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "lookup", "retrieval",
     "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
 )  # fmt: skip
 DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
@@ -173,8 +177,10 @@ class MethodFactory:
         pld_ngram: int = 2,
         llamacpp_pld_tokens: int = 3,
         draft: str | None = None,
+        datastore: str | None = None,
     ):
         self.model_spec = model
+        self.datastore = datastore
         self.draft = draft  # for sps and rsd; None: an early exit after a quarter of the layers
         self.dtype = dtype
         self.draft_model = draft_model
@@ -260,6 +266,13 @@ class MethodFactory:
         drafter = LookupDrafter()
         settings = {"max_ngram": drafter.max_ngram, "candidates": drafter.candidates, "depth": drafter.depth, "budget": drafter.budget}
         return OwnLoopMethod(name, "plain", "prompt lookup, continuations merged in a tree", settings, generator=self.generator, drafter=drafter)
+
+    def _retrieval(self, name):
+        store = SuffixAutomaton.load(self.datastore) if self.datastore else None
+        drafter = RetrievalDrafter(store)
+        settings = {"datastore": self.datastore, "datastore_tokens": drafter.automaton.tokens, "budget": drafter.budget, "depth": drafter.depth}
+        description = "retrieval from a suffix automaton of the datastore, prompts and earlier outputs"
+        return OwnLoopMethod(name, "plain", description, settings, generator=self.generator, drafter=drafter)
 
     def _hf_pld(self, name):
         return self._transformers(name, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
