@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus, the smallest set with this much probability")
     gen.add_argument("--min-p", type=float, default=None, help="sampling: drop tokens below this fraction of the top token's probability")
     gen.add_argument("--seed", type=int, default=None, help="sampling: seed for a repeatable sample")
+    gen.add_argument("--drafter", choices=["recycling", "lookup", "retrieval", "merged", "auto"], default="recycling", help="train-free drafting: Token Recycling (default), prompt lookup, retrieval, all three merged, or auto (a bandit picks by tokens/s)")
+    gen.add_argument("--datastore", default=None, help="for retrieval, merged and auto: a datastore file from tokenrecycle index")
     gen.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
     gen.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling) or W1,W2,... children per level (a tree drawn without replacement: RSD)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
@@ -137,7 +139,7 @@ def run_generate(args: argparse.Namespace) -> int:
         generator.load_table(args.table)
     if args.compare:
         warm_up(generator, chat)
-    drafter = draft_model_drafter(generator, args.draft, args.draft_shape) if args.draft else None
+    drafter = draft_model_drafter(generator, args.draft, args.draft_shape) if args.draft else train_free_drafter(generator, args)
     generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat, drafter=drafter, sampling=sampling)
     for piece in generation:
         if not args.json:
@@ -160,6 +162,7 @@ def run_generate(args: argparse.Namespace) -> int:
     }
     if not args.json:
         drafting = f"draft {args.draft} ({args.draft_shape})" if args.draft else f"tree {generator.tree_name}"
+        drafting = drafting if args.drafter == "recycling" else f"drafter {args.drafter}"
         print(
             f"\n\n[tokenrecycle] {result.stats_line()} · {drafting} · "
             f"{generator.dtype} ({generator.dtype_reason}) · {generator.runner_name}",
@@ -279,6 +282,16 @@ def identical_text(identical: bool, dtype: str, sampled: bool = False) -> str:
         # Batched verification is not bit-identical to one-token decoding in 16-bit arithmetic.
         return f"no ({dtype} rounding flips near-ties; outputs are token-exact in float32)"
     return "NO"
+
+
+def train_free_drafter(generator, args: argparse.Namespace):
+    """None for the generator's own Token Recycling drafter (its table persists across calls)."""
+    if args.drafter == "recycling":
+        return None
+    from .suffix_automaton import SuffixAutomaton
+
+    store = SuffixAutomaton.load(args.datastore) if args.datastore else None
+    return generator.train_free_drafter(args.drafter, store)
 
 
 def draft_model_drafter(generator, draft: str, shape: str):

@@ -13,7 +13,10 @@ import torch
 
 from .decoding import GREEDY, speculative_decode
 from .drafters import AdaptiveTreeDrafter, Drafter, PlainDrafter, TokenRecyclingDrafter
+from .drafters.auto import AutoDrafter
 from .drafters.draft_model import DraftModelDrafter
+from .drafters.lookup import LookupDrafter
+from .drafters.retrieval import RetrievalDrafter
 from .errors import EmptyPromptError, InvalidOptionError, PromptTooLongError
 from .hardware import auto_dtype
 from .models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
@@ -165,6 +168,26 @@ class Generator:
         head, sharing its weights), `int4` (a 4-bit copy of this model) or a model that shares the
         tokenizer (bundled name, GGUF file or directory). Pass it to generate(drafter=...)."""
         return DraftModelDrafter(self._draft_runner(draft), branching, adaptive)
+
+    def train_free_drafter(self, kind: str = "auto", datastore=None) -> Drafter:
+        """A drafter of its own: `recycling` (this generator's tree), `lookup`, `retrieval`
+        (from a SuffixAutomaton datastore, the prompts and earlier outputs), `merged` (all three
+        in one tree) or `auto` (a bandit choosing among them and their merges by tokens/s)."""
+        if kind == "recycling":
+            return self.new_drafter(self.hot_start)
+        if kind == "lookup":
+            return LookupDrafter()
+        if kind == "retrieval":
+            return RetrievalDrafter(datastore)
+        if kind not in ("auto", "merged"):
+            raise InvalidOptionError(f"unknown drafter '{kind}' (recycling, lookup, retrieval, merged, auto)")
+        drafters = {"tr": self.new_drafter(self.hot_start), "lookup": LookupDrafter(), "retrieval": RetrievalDrafter(datastore)}
+        nodes = max(self.template.num_nodes, 1)
+        everything = (("tr", "lookup", "retrieval"), nodes + 12)
+        if kind == "merged":
+            return AutoDrafter(drafters, [everything], adapt=False)
+        arms = [(("tr",), nodes), (("lookup",), 8), (("tr", "lookup"), nodes + 6), everything]
+        return AutoDrafter(drafters, arms)
 
     def _draft_runner(self, draft: str):
         kind, _, layers = draft.partition(":")

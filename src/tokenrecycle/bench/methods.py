@@ -10,6 +10,8 @@ token ids, time and accepted lengths out.
   first quarter of layers): a chain with an adaptive length (speculative sampling) and a tree
   drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1).
 - `lookup`: tokenrecycle's prompt lookup drafter (several earlier continuations merged in a tree).
+- `merged`, `auto`: Token Recycling, lookup and retrieval in one tree; auto lets a bandit choose
+  among them and their merges by the tokens per second each step gives.
 - `retrieval`: the most frequent continuations from a suffix automaton over `--datastore` (if
   given), the prompts and the earlier outputs of the run.
 - `hf-pld`, `hf-assisted`: transformers' prompt lookup and assisted decoding (a draft model that
@@ -32,8 +34,7 @@ import numpy as np
 import torch
 
 from ..drafters import AdaptiveTreeDrafter, Drafter
-from ..drafters.lookup import LookupDrafter
-from ..drafters.retrieval import RetrievalDrafter
+from ..drafters.auto import AutoDrafter
 from ..suffix_automaton import SuffixAutomaton
 from ..errors import TokenRecycleError
 from ..generator import Generator, hf_generate
@@ -42,7 +43,7 @@ from ..runners import HFRunner
 from ..sampling import Sampling
 
 BASE_METHODS = (
-    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "lookup", "retrieval",
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "lookup", "retrieval", "merged", "auto",
     "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
 )  # fmt: skip
 DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
@@ -263,15 +264,25 @@ class MethodFactory:
         return OwnLoopMethod(name, "plain", f"{kind}, drafts from {draft}", settings, generator=g, drafter=drafter)
 
     def _lookup(self, name):
-        drafter = LookupDrafter()
-        settings = {"max_ngram": drafter.max_ngram, "candidates": drafter.candidates, "depth": drafter.depth, "budget": drafter.budget}
-        return OwnLoopMethod(name, "plain", "prompt lookup, continuations merged in a tree", settings, generator=self.generator, drafter=drafter)
+        return self._train_free(name, "lookup", "prompt lookup, continuations merged in a tree")
 
     def _retrieval(self, name):
+        return self._train_free(name, "retrieval", "retrieval from a suffix automaton of the datastore, prompts and earlier outputs")
+
+    def _merged(self, name):
+        return self._train_free(name, "merged", "Token Recycling, lookup and retrieval merged in one tree")
+
+    def _auto(self, name):
+        return self._train_free(name, "auto", "a bandit choosing among Token Recycling, lookup, retrieval and their merges")
+
+    def _train_free(self, name, kind: str, description: str) -> OwnLoopMethod:
         store = SuffixAutomaton.load(self.datastore) if self.datastore else None
-        drafter = RetrievalDrafter(store)
-        settings = {"datastore": self.datastore, "datastore_tokens": drafter.automaton.tokens, "budget": drafter.budget, "depth": drafter.depth}
-        description = "retrieval from a suffix automaton of the datastore, prompts and earlier outputs"
+        drafter = self.generator.train_free_drafter(kind, store)
+        settings = {"drafter": kind, "tree": self.generator.tree_name}
+        if kind in ("retrieval", "merged", "auto"):
+            settings.update(datastore=self.datastore, datastore_tokens=store.tokens if store else 0)
+        if isinstance(drafter, AutoDrafter):
+            settings["arms"] = [f"{'+'.join(names)}/{budget}" for names, budget in drafter.arms]
         return OwnLoopMethod(name, "plain", description, settings, generator=self.generator, drafter=drafter)
 
     def _hf_pld(self, name):
