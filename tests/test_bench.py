@@ -232,3 +232,6 @@ def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_pat
     assert stats["tr~t0.7"][OVERALL].identical != stats["tr~t0.7"][OVERALL].identical  # NaN: samples differ by chance
     report = (tmp_path / "report.md").read_text()
     assert "Greedy decoding and sampling at temperature 0.7" in report and "| rsd~t0.7 |" in report
+    auto = [r for r in section["records"] if r["method"] == "auto"][-1]["details"]
+    assert set(auto["credit"]) == {"tr", "lookup", "retrieval"} and sum(auto["plays"].values()) > 0
+    assert "credit: tr " in report

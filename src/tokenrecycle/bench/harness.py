@@ -270,6 +270,7 @@ def record_of(question: Question, turn: int, prompt_tokens: int, method: str, ou
         "accepted_lengths": first.accepted_lengths,
         "token_ids": first.token_ids,
         "peak_rss_bytes": max(peak for _, peak in outcomes),
+        **({"details": runs[-1].details} if runs[-1].details else {}),
     }
 
 

@@ -60,6 +60,7 @@ class MethodRun:
     token_ids: list[int]
     seconds: float
     accepted_lengths: list[int]  # tokens decided by each forward pass of the target, prefill first
+    details: dict | None = None  # method-specific counters (the auto drafter's credit and plays)
 
 
 @dataclass
@@ -121,7 +122,11 @@ class OwnLoopMethod(Method):
     def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
         plain = self.drafter is None
         result = self.generator.generate(prompt_ids, max_new_tokens, plain=plain, drafter=self.drafter, sampling=self.sampling)
-        return MethodRun(result.token_ids, result.seconds, result.accepted_lengths)
+        details = None
+        if isinstance(self.drafter, AutoDrafter):  # cumulative over the run so far
+            arms = ["+".join(names) + f"/{budget}" for names, budget in self.drafter.arms]
+            details = {"credit": dict(self.drafter.credit), "plays": dict(zip(arms, self.drafter.plays))}
+        return MethodRun(result.token_ids, result.seconds, result.accepted_lengths, details)
 
     @property
     def drafter_bytes(self) -> int:

@@ -148,9 +148,17 @@ def methods_list(section: dict) -> str:
     for method, info in section["methods"].items():
         settings = ", ".join(f"{k}={v}" for k, v in info["settings"].items() if k != "paths")
         warning = f" **Warm-up failed: {info['warm_up_error']}**" if info.get("warm_up_error") else ""
-        lines.append(f"- `{method}`: {info['description']}" + (f" ({settings})" if settings else "") + warning)
+        lines.append(f"- `{method}`: {info['description']}" + (f" ({settings})" if settings else "") + warning + details_text(section, method))
     lines += [f"- `{method}`: not run: {reason}" for method, reason in section["unavailable"].items()]
     return "\n".join(lines)
+
+
+def details_text(section: dict, method: str) -> str:
+    """The last counters a method reported (cumulative), e.g. the auto drafter's credit per drafter."""
+    details = next((r["details"] for r in reversed(section["records"]) if r["method"] == method and r.get("details")), None)
+    if not details:
+        return ""
+    return ". " + "; ".join(f"{key}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for key, values in details.items())
 
 
 def failure_list(section: dict, shown: int = 20) -> str:
