@@ -217,7 +217,7 @@ def test_first_difference():
 def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_path):
     target, _ = tiny_pair
     args = ["bench", "--model", target, "--questions", str(question_file), "--dtype", "float32", "--max-new-tokens", "10",
-            "--methods", "ar,plain,tr,sps,rsd,lookup,retrieval,merged,auto", "--temperatures", "0,0.7", "--draft", "early-exit:1", "--warm-up", "1",
+            "--methods", "ar,plain,tr,sps,rsd,rsd-sbs,lookup,retrieval,merged,auto", "--temperatures", "0,0.7", "--draft", "early-exit:1", "--warm-up", "1",
             "--no-cost-curve", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
     section = json.loads((tmp_path / "results.json").read_text())["sections"][0]
@@ -227,7 +227,7 @@ def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_pat
     for record in section["records"]:
         assert sum(record["accepted_lengths"]) == record["new_tokens"]
     stats = summarize(section)
-    for method in ("sps", "rsd", "lookup", "retrieval", "merged", "auto"):
+    for method in ("sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto"):
         assert stats[method][OVERALL].identical == 1.0, method  # greedy: exact
     assert stats["tr~t0.7"][OVERALL].identical != stats["tr~t0.7"][OVERALL].identical  # NaN: samples differ by chance
     report = (tmp_path / "report.md").read_text()

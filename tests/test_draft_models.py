@@ -79,6 +79,8 @@ def test_cli_generate_with_a_draft_model(models, capsys):
     assert chain["token_ids"] == tree["token_ids"] and chain["draft"] == "early-exit:1"
     assert main(base + ["--draft", "early-exit:1", "--draft-shape", "wide", "hi"]) == 2
     assert "--draft-shape must be chain" in capsys.readouterr().err
+    assert main(base + ["--draft", "early-exit:2", "--draft-shape", "beam:3,2", "hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == chain["token_ids"]
     assert main(base + ["--draft", "early-exit:1", "--temperature", "0.8", "--seed", "3", "hi"]) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(base + ["--draft", "early-exit:1", "--temperature", "0.8", "--seed", "3", "hi"]) == 0

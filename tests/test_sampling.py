@@ -16,7 +16,7 @@ from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
 from tokenrecycle.drafters.draft_model import DraftModelDrafter
 from tokenrecycle.errors import InvalidOptionError
-from tokenrecycle.sampling import Sampling
+from tokenrecycle.sampling import Draws, Sampling
 from tokenrecycle.trees import DraftTree, compile_template
 from tokenrecycle.verify import SamplingVerifier
 
@@ -204,3 +204,46 @@ def test_draft_model_drafts_are_accepted_and_its_cache_follows(shape):
     assert max(lengths) >= 3
     # The draft's cache holds what was decided before the tokens it has yet to be fed.
     assert draft_runner.context + drafter._fed_before_root == PROMPT.tolist() + out[:-1]
+
+
+# ---- stochastic beam search drafts: Gumbel noise cannot be enumerated, so a chi-square test ---
+def test_conditioned_gumbels_keep_order_and_top_out_at_the_parent():
+    from tokenrecycle.drafters.draft_model import conditioned_gumbel
+
+    raw = torch.tensor([0.3, -1.2, 2.5, 0.9], dtype=torch.float64)
+    shifted = conditioned_gumbel(raw, parent=-0.7)
+    assert shifted.max().item() == pytest.approx(-0.7)
+    assert torch.equal(torch.argsort(shifted), torch.argsort(raw))
+
+
+def test_beam_search_drafts_greedy_is_exact():
+    def next_token(context):
+        return int(small_logits(context).argmax())
+
+    drafter = DraftModelDrafter(SmallRunner("draft"), branching=(1, 1, 1), beam=2)
+    out = [t for step in speculative_decode(SmallRunner(), drafter, PROMPT, 40) for t in step.tokens]
+    assert out == sequential_greedy(next_token, PROMPT.tolist(), 40)
+
+
+def test_beam_search_drafts_sample_plain_samplings_distribution():
+    from collections import Counter
+
+    sampling = SMALL_SETTINGS[0]
+    drafter = DraftModelDrafter(SmallRunner("draft"), branching=(1, 1), beam=2)
+    verifier = SamplingVerifier(sampling, Draws(seed=0))
+    counts, samples, accepted = Counter(), 3000, 0
+    for _ in range(samples):
+        steps = list(speculative_decode(SmallRunner(), drafter, PROMPT, 3, verifier))
+        counts[tuple(t for step in steps for t in step.tokens)[:3]] += 1
+        accepted += sum(len(step.tokens) - 1 for step in steps)
+    expected = plain_distribution(sampling, small_logits, SMALL_V, 3)
+    outcomes = sorted(expected)
+    assert set(counts) <= set(outcomes)
+    statistic = sum((counts[o] - samples * expected[o]) ** 2 / (samples * expected[o]) for o in outcomes)
+    assert statistic < chi_square_quantile(len(outcomes) - 1, z=3.09)  # p > 0.001
+    assert accepted > samples // 4  # drafts were accepted, so the rule was exercised
+
+
+def chi_square_quantile(df: int, z: float) -> float:
+    """The chi-square quantile at the normal quantile z (Wilson-Hilferty; within 1% for df > 10)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3

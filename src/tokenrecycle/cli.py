@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--drafter", choices=["recycling", "lookup", "retrieval", "merged", "auto"], default="recycling", help="train-free drafting: Token Recycling (default), prompt lookup, retrieval, all three merged, or auto (a bandit picks by tokens/s)")
     gen.add_argument("--datastore", default=None, help="for retrieval, merged and auto: a datastore file from tokenrecycle index")
     gen.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
-    gen.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling) or W1,W2,... children per level (a tree drawn without replacement: RSD)")
+    gen.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
@@ -297,11 +297,16 @@ def train_free_drafter(generator, args: argparse.Namespace):
 def draft_model_drafter(generator, draft: str, shape: str):
     if shape == "chain":
         return generator.draft_model_drafter(draft, (1,), adaptive=True)
+    kind, _, sizes = shape.rpartition(":")
     try:
-        branching = [int(width) for width in shape.split(",")]
+        numbers = [int(size) for size in sizes.split(",")]
+        if kind == "beam" and len(numbers) == 2:
+            return generator.draft_model_drafter(draft, (1,) * numbers[1], beam=numbers[0])
+        if kind == "":
+            return generator.draft_model_drafter(draft, numbers)
     except ValueError:
-        raise InvalidOptionError(f"--draft-shape must be chain or comma-separated widths like 2,2,1, got '{shape}'") from None
-    return generator.draft_model_drafter(draft, branching)
+        pass
+    raise InvalidOptionError(f"--draft-shape must be chain, widths like 2,2,1 or beam:W,D, got '{shape}'")
 
 
 def sampling_of(args: argparse.Namespace):

@@ -162,12 +162,15 @@ class Generator:
         self.set_tree(AUTO)
         return profile
 
-    def draft_model_drafter(self, draft: str, branching: Sequence[int] = (1, 1, 1, 1), adaptive: bool = False) -> Drafter:
+    def draft_model_drafter(
+        self, draft: str, branching: Sequence[int] = (1, 1, 1, 1), adaptive: bool = False, beam: int | None = None
+    ) -> Drafter:
         """A drafter that samples drafts from a draft model (chain: branching of ones; RSD tree:
-        wider levels). `draft`: `early-exit:N` (this model's first N layers, its final norm and LM
+        wider levels; beam=W: a stochastic beam search of width W over len(branching) levels).
+        `draft`: `early-exit:N` (this model's first N layers, its final norm and LM
         head, sharing its weights), `int4` (a 4-bit copy of this model) or a model that shares the
         tokenizer (bundled name, GGUF file or directory). Pass it to generate(drafter=...)."""
-        return DraftModelDrafter(self._draft_runner(draft), branching, adaptive)
+        return DraftModelDrafter(self._draft_runner(draft), branching, adaptive, beam=beam)
 
     def train_free_drafter(self, kind: str = "auto", datastore=None) -> Drafter:
         """A drafter of its own: `recycling` (this generator's tree), `lookup`, `retrieval`

@@ -79,3 +79,7 @@ class Draws:
     def draw(self, probs: torch.Tensor) -> int:
         """An index drawn from a probability vector."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def gumbel(self, n: int) -> torch.Tensor:
+        """n independent standard Gumbel variables (float64)."""
+        return -torch.log(torch.empty(n, dtype=torch.float64).exponential_(generator=self.generator))

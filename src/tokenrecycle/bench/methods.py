@@ -8,7 +8,8 @@ token ids, time and accepted lengths out.
   with 4-bit weights (a model of its own, so checked against its own plain decoding).
 - `sps`, `rsd`: drafts sampled from a draft model (by default an early exit of the target: its
   first quarter of layers): a chain with an adaptive length (speculative sampling) and a tree
-  drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1).
+  drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1); `rsd-sbs`: the
+  same with a stochastic beam search (width 3, depth 3) choosing the tree.
 - `lookup`: tokenrecycle's prompt lookup drafter (several earlier continuations merged in a tree).
 - `merged`, `auto`: Token Recycling, lookup and retrieval in one tree; auto lets a bandit choose
   among them and their merges by the tokens per second each step gives.
@@ -43,7 +44,7 @@ from ..runners import HFRunner
 from ..sampling import Sampling
 
 BASE_METHODS = (
-    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "lookup", "retrieval", "merged", "auto",
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto",
     "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
 )  # fmt: skip
 DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
@@ -261,11 +262,14 @@ class MethodFactory:
     def _rsd(self, name):
         return self._draft_model(name, (2, 2, 1), adaptive=False, kind="recursive speculative decoding, tree 2-2-1")
 
-    def _draft_model(self, name, branching, adaptive: bool, kind: str) -> OwnLoopMethod:
+    def _rsd_sbs(self, name):
+        return self._draft_model(name, (1, 1, 1), adaptive=False, kind="recursive speculative decoding, stochastic beam search 3x3", beam=3)
+
+    def _draft_model(self, name, branching, adaptive: bool, kind: str, beam: int | None = None) -> OwnLoopMethod:
         g = self.generator
         draft = self.draft or f"early-exit:{max(1, g.model.config.num_hidden_layers // 4)}"
-        drafter = g.draft_model_drafter(draft, branching, adaptive)
-        settings = {"draft": draft, "branching": list(branching), "adaptive_length": adaptive}
+        drafter = g.draft_model_drafter(draft, branching, adaptive, beam)
+        settings = {"draft": draft, "branching": list(branching), "adaptive_length": adaptive, "beam": beam}
         return OwnLoopMethod(name, "plain", f"{kind}, drafts from {draft}", settings, generator=g, drafter=drafter)
 
     def _lookup(self, name):

@@ -25,13 +25,25 @@ from .base import Drafter
 
 
 class DraftModelDrafter(Drafter):
-    def __init__(self, runner: ModelRunner, branching: Sequence[int] = (1, 1, 1, 1), adaptive: bool = False, max_length: int = 8):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        branching: Sequence[int] = (1, 1, 1, 1),
+        adaptive: bool = False,
+        max_length: int = 8,
+        beam: int | None = None,
+    ):
         """branching[d]: children drawn per node at depth d (all 1: a chain). adaptive (chains
-        only): the length grows by one after a fully accepted chain and shrinks after a miss."""
+        only): the length grows by one after a fully accepted chain and shrinks after a miss.
+        beam: instead of a fixed branching, a stochastic beam search of this width over
+        len(branching) levels (RSD's SBS variant: unlikely sequences are dropped early)."""
         if not branching or any(int(b) < 1 for b in branching):
             raise InvalidOptionError(f"branching needs at least one level of at least one child, got {list(branching)}")
-        if adaptive and any(b != 1 for b in branching):
+        if adaptive and (any(b != 1 for b in branching) or beam):
             raise InvalidOptionError("an adaptive length is for chains (branching of ones)")
+        if beam is not None and beam < 1:
+            raise InvalidOptionError(f"the beam width must be at least 1, got {beam}")
+        self.beam = beam
         self.runner = runner
         self.branching = [int(b) for b in branching]
         self.adaptive = adaptive
@@ -49,6 +61,8 @@ class DraftModelDrafter(Drafter):
         self._fed_before_root = []
 
     def propose(self, root_token: int) -> DraftTree:
+        if self.beam:
+            return self._propose_beam(root_token)
         tokens, parents, dists = [root_token], [-1], [None]
         frontier = [0]
         for level, width in enumerate(self.branching):
@@ -64,6 +78,47 @@ class DraftModelDrafter(Drafter):
             frontier = grown
         probs = None if self.sampling is None else torch.stack([dists[1] if d is None else d for d in dists])
         return tree_from_parents(tokens, parents, probs)
+
+    def _propose_beam(self, root_token: int) -> DraftTree:
+        """Stochastic beam search (Kool et al. 2019): each sequence's log-probability plus Gumbel
+        noise, conditioned so a child never beats its parent; the `beam` best sequences of each
+        level are kept. A node's kept children are then the first ones of its own Gumbel-top-k
+        order, drawn without replacement from q, so recursive rejection sampling verifies them.
+        Greedy decoding keeps the `beam` most likely sequences instead (plain beam search)."""
+        tokens, parents, dists = [root_token], [-1], [None]
+        beam = [(0, 0.0, 0.0)]  # (node, log-probability, perturbed log-probability)
+        for level in range(len(self.branching)):
+            logits = self._draft_logits(tokens, parents, first=level == 0)
+            candidates = []
+            for node, log_p, perturbed in beam:
+                q = self._distribution(logits[node])
+                log_q = torch.log_softmax(logits[node].float(), dim=-1) if q is None else torch.log(q)
+                candidates += self._beam_children(node, log_p, perturbed, log_q, q)
+            candidates.sort(key=lambda c: -c[0])
+            kept = sorted(candidates[: self.beam], key=lambda c: (c[1], -c[0]))  # by parent, best first
+            beam = []
+            for score, node, token, log_p, q in kept:
+                tokens.append(token)
+                parents.append(node)
+                dists.append(q)
+                beam.append((len(tokens) - 1, log_p, score))
+        probs = None if self.sampling is None else torch.stack([dists[1] if d is None else d for d in dists])
+        return tree_from_parents(tokens, parents, probs)
+
+    def _beam_children(self, node: int, log_p: float, perturbed: float, log_q: torch.Tensor, q: torch.Tensor | None):
+        """The node's best `beam` children as (score, node, token, log-probability, q)."""
+        support = torch.nonzero(torch.isfinite(log_q)).flatten()
+        child_log_p = log_p + log_q[support].double()
+        if q is None:
+            scores = child_log_p
+        else:
+            raw = child_log_p + self.draws.gumbel(len(support))
+            scores = conditioned_gumbel(raw, perturbed)
+        best = torch.topk(scores, min(self.beam, len(support)))
+        return [
+            (float(scores[i]), node, int(support[i]), float(child_log_p[i]), q)
+            for i in best.indices.tolist()
+        ]
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:
         self._fed_before_root = tree.tokens[accepted].tolist()
@@ -102,3 +157,11 @@ class DraftModelDrafter(Drafter):
             chosen.append(token)
             rest[token] = 0
         return chosen
+
+
+def conditioned_gumbel(raw: torch.Tensor, parent: float) -> torch.Tensor:
+    """Perturbed scores of siblings, shifted so their maximum is the parent's (Kool et al., eq. 23,
+    in the numerically stable form): order within the siblings is kept."""
+    top = raw.max()
+    v = parent - raw + torch.log1p(-torch.exp(raw - top))  # -inf for the top one: it gets the parent's value
+    return parent - torch.clamp(v, min=0) - torch.log1p(torch.exp(-v.abs()))
