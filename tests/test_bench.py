@@ -152,13 +152,23 @@ def test_render_reproduces_the_report(bench_run, tmp_path):
         assert (copy / name).is_file()
 
 
-def test_ctrl_c_leaves_a_valid_partial_result(tiny_pair, question_file, tmp_path, monkeypatch):
-    install_failing(monkeypatch, "zebra", KeyboardInterrupt)
-    assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf")) == 130
+def test_ctrl_c_leaves_a_valid_partial_result_and_resume_completes_it(tiny_pair, question_file, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        install_failing(patch, "zebra", KeyboardInterrupt)
+        assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf")) == 130
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["status"] == "interrupted"
     assert {r["question_id"] for r in results["sections"][0]["records"]} == {"1"}  # question 2 was cut short
     assert "Partial run (interrupted)" in (tmp_path / "report.md").read_text()
+    first = results["sections"][0]["records"]
+    install_failing(monkeypatch, "nothing-matches")
+    assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf") + ["--resume"]) == 0
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    records = resumed["sections"][0]["records"]
+    assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1 and len(resumed["sections"]) == 1
+    assert records[: len(first)] == first  # kept, not measured again
+    assert [r["question_id"] for r in records].count("1") == len(first) and {r["question_id"] for r in records} == {"1", "2", "3", "4"}
+    assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,plain") + ["--resume"]) == 2  # other settings
 
 
 @pytest.mark.parametrize(

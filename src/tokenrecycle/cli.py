@@ -90,6 +90,7 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--warm-up", type=int, default=3, help="warm-up prompts per method (at most 3)")
     bench.add_argument("--no-cost-curve", action="store_true", help="skip measuring the runners' forward time against tree size")
     bench.add_argument("--out", default="bench-results", help="directory for results.json, report.md and plots")
+    bench.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same settings and CPU), from its last whole question")
     bench.add_argument("--render", metavar="DIR", default=None, help="rebuild report.md and plots from DIR/results.json; run nothing")
 
 
@@ -263,6 +264,7 @@ def run_bench(args: argparse.Namespace) -> int:
         llamacpp_pld_tokens=args.llamacpp_pld_tokens,
         warm_up=args.warm_up,
         cost_curve=not args.no_cost_curve,
+        resume=args.resume,
     )
     results = run_bench(config)
     measured = any(section["records"] for section in results["sections"])

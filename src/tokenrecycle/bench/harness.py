@@ -64,6 +64,7 @@ class BenchConfig:
     llamacpp_pld_tokens: int = 3
     warm_up: int = len(WARM_UP_PROMPTS)
     cost_curve: bool = True
+    resume: bool = False  # continue the run in `out` (same settings, same CPU) from its last whole question
     progress: bool = True
 
     def check(self) -> None:
@@ -91,7 +92,8 @@ def run_bench(config: BenchConfig) -> dict:
     from .report import render  # matplotlib is imported only when a report is drawn
 
     config.check()
-    results = {
+    results = resumed_results(config) if config.resume else None
+    results = results or {
         "version": RESULTS_VERSION,
         "status": "running",
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -115,10 +117,26 @@ def run_bench(config: BenchConfig) -> dict:
     return results
 
 
+def resumed_results(config: BenchConfig) -> dict | None:
+    """The earlier run in `out`, to be continued; None if there is none. Refused if its settings
+    or its CPU differ: the rows of one report must come from one setup."""
+    if not (config.out / RESULTS_FILE).is_file():
+        return None
+    results = load_results(config.out)
+    if results["settings"] != json.loads(json.dumps(settings_of(config))):  # as stored: lists, not tuples
+        raise InvalidOptionError(f"cannot resume {config.out}: it was run with other settings")
+    if results["machine"]["cpu"] != machine_info()["cpu"]:
+        raise InvalidOptionError(f"cannot resume {config.out}: it was run on another CPU ({results['machine']['cpu']})")
+    results["status"] = "running"
+    results.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
+    return results
+
+
 def settings_of(config: BenchConfig) -> dict:
     settings = asdict(config)
     settings.pop("questions")
     settings.pop("progress")
+    settings.pop("resume")
     settings["out"] = str(config.out)
     settings["questions"] = len(config.questions)
     settings["turns"] = sum(len(q.turns) for q in config.questions)
@@ -134,6 +152,7 @@ def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchP
     )  # fmt: skip
     before = current_rss_bytes()
     generator = factory.generator
+    done = next((old for old in results["sections"] if old["dtype"] == generator.dtype), None)
     section = {
         "dtype": generator.dtype,
         "dtype_reason": generator.dtype_reason,
@@ -149,21 +168,27 @@ def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchP
         "records": [],
         "wall_seconds": 0.0,
     }
+    if done is not None:  # resuming: keep what was measured
+        section.update(records=done["records"], cost_curves=done["cost_curves"], wall_seconds=done["wall_seconds"])
+        results["sections"].remove(done)
     results["sections"].append(section)
     methods = build_methods(factory, config, section)
     warm_up(methods, generator, config.warm_up, section)
-    if config.cost_curve:
+    if config.cost_curve and not section["cost_curves"]:
         progress.note(f"{generator.dtype}: measuring the runners' cost curves")
         curves = forward_costs(factory.cost_runners(methods))
         section["cost_curves"] = {runner: {str(n): ms for n, ms in costs.items()} for runner, costs in curves.items()}
-    turns = sum(len(q.turns) for q in config.questions)
-    progress.add_work(turns * len(methods) * config.repeats)
+    measured = {record["question_id"] for record in section["records"]}  # whole questions only
+    remaining = [q for q in config.questions if q.question_id not in measured]
+    progress.add_work(sum(len(q.turns) for q in remaining) * len(methods) * config.repeats)
     turns_before = 0
+    earlier_wall = section["wall_seconds"]
     for question in config.questions:
-        section["records"] += run_question(question, methods, generator, config, progress, turns_before)
+        if question.question_id not in measured:
+            section["records"] += run_question(question, methods, generator, config, progress, turns_before)
+            section["wall_seconds"] = earlier_wall + time.perf_counter() - start
+            save_results(results, config.out)
         turns_before += len(question.turns)
-        section["wall_seconds"] = time.perf_counter() - start
-        save_results(results, config.out)
 
 
 def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) -> list[Method]:
