@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROMPT ?= Explain in three sentences why the sky is blue.
 
 .PHONY: run test bench bench-runners llamacpp install clean
-BENCH_ARGS ?=
+BENCH_ARGS ?= --per-category 10
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
