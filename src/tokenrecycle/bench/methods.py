@@ -232,7 +232,7 @@ class MethodFactory:
 
     # ---- one builder per method --------------------------------------------------------------
     def _ar(self, name):
-        return self._transformers(name, None, "transformers model.generate, greedy", {})
+        return self._transformers(name, None, "transformers model.generate", {})
 
     def _plain(self, name):
         g = self.generator
