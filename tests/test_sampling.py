@@ -91,7 +91,7 @@ def test_speculative_sampling_has_plain_samplings_distribution(sampling, drafter
 def test_drafts_are_accepted_so_the_check_covers_tree_paths():
     sampling = SETTINGS[0]
     runner, drafter = SoftRunner(), recycling_drafter()
-    steps = list(speculative_decode(runner, drafter, PROMPT, 40, SamplingVerifier(sampling)))
+    steps = list(speculative_decode(runner, drafter, PROMPT, 40, SamplingVerifier(sampling, Draws(seed=0))))
     assert max(len(step.tokens) for step in steps) >= 3  # two drafts and the bonus at least once
 
 
@@ -198,7 +198,7 @@ def test_draft_model_drafts_are_accepted_and_its_cache_follows(shape):
     draft_runner = SmallRunner("draft")
     drafter = DraftModelDrafter(draft_runner, **DRAFT_SHAPES[shape])
     out, lengths = [], []
-    for step in speculative_decode(SmallRunner(), drafter, PROMPT, 60, SamplingVerifier(SMALL_SETTINGS[0])):
+    for step in speculative_decode(SmallRunner(), drafter, PROMPT, 60, SamplingVerifier(SMALL_SETTINGS[0], Draws(seed=0))):
         out += step.tokens
         lengths.append(len(step.tokens))
     assert max(lengths) >= 3

@@ -144,7 +144,8 @@ def checks_table(checks) -> str:
 
 
 def methods_list(section: dict) -> str:
-    lines = [f"### Methods\n\nDefault tree: {section['default_tree']} ({section.get('tree_reason', 'asked for')})\n"]
+    reason = f" ({section['tree_reason']})" if section.get("tree_reason") else ""
+    lines = [f"### Methods\n\nDefault tree: {section['default_tree']}{reason}\n"]
     for method, info in section["methods"].items():
         settings = ", ".join(f"{k}={v}" for k, v in info["settings"].items() if k != "paths")
         warning = f" **Warm-up failed: {info['warm_up_error']}**" if info.get("warm_up_error") else ""
