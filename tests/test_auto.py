@@ -89,3 +89,10 @@ def test_cli_generate_with_each_train_free_drafter(tmp_path, capsys):
         assert main(base + ["--drafter", drafter, "Repeat: one two three one two three"]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert all(out == outputs[0] for out in outputs)  # greedy: the same tokens whatever drafts them
+
+
+def test_draft_model_and_train_free_drafter_exclude_each_other(capsys):
+    from tokenrecycle.cli import main
+
+    assert main(["generate", "--drafter", "lookup", "--draft", "early-exit:2", "hi"]) == 2
+    assert "exclude each other" in capsys.readouterr().err

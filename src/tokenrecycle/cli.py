@@ -129,6 +129,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidOptionError("the prompt is empty")
     if args.max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.draft and args.drafter != "recycling":
+        raise InvalidOptionError("--draft (a draft model) and --drafter (train-free drafting) exclude each other")
     sampling = sampling_of(args)
     generator = load_generator(args, args.tree)
     if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
@@ -158,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "draft": args.draft,
         "tree_reason": generator.tree_reason,
         "sampling": asdict(sampling) if sampling else None,
-        "drafter_bytes": generator.drafter.memory_bytes,
+        "drafter_bytes": (drafter or generator.drafter).memory_bytes,
         **result.to_dict(),
     }
     if not args.json:
