@@ -13,18 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from importlib import resources
-
-import numpy as np
 
 from tokenrecycle import Generator
 from tokenrecycle.decoding import speculative_decode
-from tokenrecycle.trees import best_template, rank_budget_template
-
-
-def calibration_prompts() -> list[str]:
-    text = (resources.files("tokenrecycle") / "data" / "calibration_prompts.jsonl").read_text()
-    return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+from tokenrecycle.tree_search import expected_tokens
+from tokenrecycle.trees import best_template, offered_nodes, rank_budget_template
+from tokenrecycle.tuning import calibration_prompts
 
 
 def count_acceptance(generator: Generator, prompts: list[str], max_new: int) -> tuple[Counter, Counter]:
@@ -35,13 +29,10 @@ def count_acceptance(generator: Generator, prompts: list[str], max_new: int) -> 
         for step in speculative_decode(generator.runner, generator.drafter, ids, max_new):
             if step.tree is None:
                 continue
-            on_path = np.zeros(len(step.tree), dtype=bool)
-            on_path[step.accepted] = True
-            for node in range(1, len(step.tree)):
-                if on_path[step.tree.parents[node]]:
-                    path = paths[step.tree.source[node]]
-                    visits[path] += 1
-                    hits[path] += bool(on_path[node])
+            for node, hit in zip(*offered_nodes(step.tree, step.accepted)):
+                path = paths[step.tree.source[node]]
+                visits[path] += 1
+                hits[path] += bool(hit)
     return visits, hits
 
 
@@ -62,7 +53,7 @@ def main() -> None:
     for size in args.sizes:
         template = best_template(rates, size)
         depths = Counter(len(p) for p in template)
-        expected = sum(np.prod([rates[p[:i]] for i in range(1, len(p) + 1)]) for p in template)
+        expected = expected_tokens(template, rates) - 1  # drafts only, not the bonus token
         print(f"\n# {size} nodes, per depth {'/'.join(str(depths[d]) for d in sorted(depths))}, "
               f"expected accepted drafts per step {expected:.2f}")
         print(json.dumps([list(p) for p in template]))

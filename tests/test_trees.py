@@ -110,3 +110,11 @@ def test_best_template_prefers_deep_chains_when_children_are_likely():
     assert best_template(rates, 5) == [(0,), (0, 0), (0, 0, 0), (1,), (1, 0)]
     assert best_template(rates, 99) == [(0,), (0, 0), (0, 0, 0), (1,), (1, 0), (0, 1)]
     compile_template(best_template(rates, 4), topk=2)
+
+
+def test_offered_nodes_are_the_children_of_accepted_nodes():
+    from tokenrecycle.trees import offered_nodes, tree_from_parents
+
+    tree = tree_from_parents([9, 1, 2, 3, 4, 5], [-1, 0, 0, 1, 1, 3])  # 9 -> {1 -> {3 -> 5, 4}, 2}
+    offered, hit = offered_nodes(tree, np.array([0, 1, 3]))
+    assert offered.tolist() == [1, 2, 3, 4, 5] and hit.tolist() == [True, False, True, False, False]

@@ -206,6 +206,15 @@ def first_of_each_sibling_token(parents: np.ndarray, tokens: np.ndarray) -> np.n
     return keep
 
 
+def offered_nodes(tree: DraftTree, accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes whose parent was accepted (each had its chance), and which of them were accepted
+    themselves: what per-path acceptance rates count."""
+    on_path = np.zeros(len(tree), dtype=bool)
+    on_path[accepted] = True
+    offered = np.flatnonzero(on_path[tree.parents[1:]]) + 1
+    return offered, on_path[offered]
+
+
 def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
     """Drop every node deeper than max_depth (used near max_new_tokens and the context limit)."""
     if tree.max_depth <= max_depth:

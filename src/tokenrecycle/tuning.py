@@ -27,8 +27,8 @@ from .cost import forward_costs
 from .decoding import speculative_decode
 from .hardware import cpu_model
 from .models import cache_root
-from .tree_search import TreePlan, choose_tree, plans_by_size
-from .trees import RankPath, rank_budget_template
+from .tree_search import TreePlan, choose_tree
+from .trees import RankPath, offered_nodes, rank_budget_template
 
 PROFILE_VERSION = 1
 COST_CONTEXTS = (256, 1024)
@@ -208,17 +208,10 @@ def _count(generator, drafter, prompt: str, max_new: int, visits: dict, hits: di
         if generator.eos_ids.intersection(step.tokens):
             break  # past the end of the answer the text is not what a user would decode
         if step.tree is not None:
-            on_path = np.zeros(len(step.tree), dtype=bool)
-            on_path[step.accepted] = True
-            for node in np.flatnonzero(on_path[step.tree.parents[1:]]) + 1:
+            for node, hit in zip(*offered_nodes(step.tree, step.accepted)):
                 path = paths[step.tree.source[node]]
                 visits[path] = visits.get(path, 0) + 1
-                hits[path] = hits.get(path, 0) + int(on_path[node])
+                hits[path] = hits.get(path, 0) + int(hit)
         if deadline is not None and time.perf_counter() >= deadline:
             break
     steps.close()
-
-
-def predicted_plans(profile: Profile, max_nodes: int = 127) -> list[TreePlan]:
-    """The best predicted tree of every size under this profile (for reports)."""
-    return plans_by_size(profile.rates, profile.mean_cost_ms, max_nodes)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..tree_search import choose_tree
-from ..trees import DraftTree, RankPath, compile_template
+from ..trees import DraftTree, RankPath, compile_template, offered_nodes
 from .recycling import TokenRecyclingDrafter
 
 
@@ -68,12 +68,10 @@ class AdaptiveTreeDrafter(TokenRecyclingDrafter):
     def _count(self, tree: DraftTree, accepted: np.ndarray) -> None:
         self.hits *= self.fading
         self.visits *= self.fading
-        on_path = np.zeros(len(tree), dtype=bool)
-        on_path[accepted] = True
-        offered = np.flatnonzero(on_path[tree.parents[1:]]) + 1  # nodes whose parent was accepted
+        offered, hit = offered_nodes(tree, accepted)
         rows = [self.index[self.template.paths[tree.source[node]]] for node in offered]
         np.add.at(self.visits, rows, 1.0)
-        np.add.at(self.hits, rows, on_path[offered].astype(np.float64))
+        np.add.at(self.hits, rows, hit.astype(np.float64))
 
     def _choose(self):
         plan = choose_tree(self.rates(), self.cost_ms, self.max_nodes)
