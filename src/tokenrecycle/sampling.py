@@ -9,6 +9,7 @@ with the same settings draw from the same distribution. As in transformers, top-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers.generation.logits_process import (
@@ -46,8 +47,10 @@ class Sampling:
         """The same settings for transformers' `model.generate`."""
         return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
 
+    @cached_property
     def warpers(self) -> LogitsProcessorList:
-        """transformers' warpers for these settings, in generate's order."""
+        """transformers' warpers for these settings, in generate's order (built once: the
+        verifier applies them at every depth of every step)."""
         warpers = LogitsProcessorList()
         if self.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(self.temperature))
@@ -62,7 +65,7 @@ class Sampling:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution to sample from, for each row of logits (float32)."""
         scores = logits.float().reshape(-1, logits.shape[-1])
-        scores = self.warpers()(None, scores)
+        scores = self.warpers(None, scores)
         return torch.softmax(scores, dim=-1).reshape(logits.shape)
 
 
