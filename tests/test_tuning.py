@@ -112,6 +112,8 @@ def test_adaptive_tree_starts_from_the_profile_and_is_lossless(tuned, tiny_model
     generator = Generator(tiny_model, dtype="float32", tree="adaptive")
     assert generator.tree_name == "adaptive" and isinstance(generator.drafter, AdaptiveTreeDrafter)
     assert set(generator.drafter.template.paths[1:]) == set(profile.plan.paths)
+    assert generator.new_drafter(tree=[]).template.num_nodes == 0  # an empty tree stays empty
+    assert isinstance(generator.new_drafter(), AdaptiveTreeDrafter)
     for prompt in PROMPTS:
         ours = generator.generate(prompt, max_new_tokens=24)
         assert ours.token_ids == generator.generate_plain(prompt, max_new_tokens=24).token_ids

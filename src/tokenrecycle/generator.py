@@ -137,24 +137,32 @@ class Generator:
         self._install_drafter(tree, None if tree in TUNED else resolve_tree(tree, self.topk))
 
     def _install_drafter(self, tree, choice: TreeChoice | None) -> None:
-        self.tree_reason = "asked for"
+        self.tree_reason, profile = "asked for", None
         if tree in TUNED:
-            tree, choice, self.tree_reason = self._tuned_tree(tree)
+            tree, choice, self.tree_reason, profile = self._tuned_tree(tree)
         self.tree_name = tree if isinstance(tree, str) else "custom"
         self.template = choice.template
         self._budget = choice.budget
-        self.drafter = self.new_drafter(hot_start=self.hot_start)
+        if tree == ADAPTIVE:  # only named so when a profile exists
+            self.drafter = self._adaptive_drafter(profile, self.hot_start)
+        else:
+            self.drafter = self.new_drafter(hot_start=self.hot_start)
 
-    def _tuned_tree(self, tree: str) -> tuple[str, TreeChoice, str]:
-        """This machine's tuned tree, or the static default for the dtype when there is no profile."""
+    def _tuned_tree(self, tree: str):
+        """This machine's tuned tree, or the static default for the dtype when there is no
+        profile: (name, choice, reason, profile)."""
         profile = load_profile(self)
         if profile is None:
             static = default_tree(self.dtype, self.quantize)
             reason = "static default: no tuning profile for this setup yet (run tokenrecycle tune)"
-            return static, resolve_tree(static, self.topk), reason
+            return static, resolve_tree(static, self.topk), reason, None
         paths = [p for p in profile.plan.paths if max(p) < self.topk]
         adapting = " (start; it follows each request's acceptance)" if tree == ADAPTIVE else ""
-        return tree, TreeChoice(compile_template(paths, self.topk)), f"tuned on this machine: {profile.summary()}{adapting}"
+        reason = f"tuned on this machine: {profile.summary()}{adapting}"
+        return tree, TreeChoice(compile_template(paths, self.topk)), reason, profile
+
+    def _adaptive_drafter(self, profile, hot_start: bool) -> AdaptiveTreeDrafter:
+        return AdaptiveTreeDrafter(self.runner.vocab_size, profile.rates, profile.mean_cost_ms, self.topk, hot_start)
 
     def tune(self, seconds: float = 60.0, progress=None):
         """Measure this machine (cost curve, acceptance rates), save the profile, use its tree."""
@@ -210,12 +218,12 @@ class Generator:
         tree unless another is given. Pass it to generate(drafter=...)."""
         if tree is None and self.tree_name != ADAPTIVE:  # this generator's own fixed tree
             choice = TreeChoice(self.template, self._budget)
+        elif (tree := ADAPTIVE if tree is None else tree) in TUNED:  # None here: this adaptive generator
+            name, choice, _, profile = self._tuned_tree(tree)
+            if name == ADAPTIVE:
+                return self._adaptive_drafter(profile, hot_start)
         else:
-            tree = tree or ADAPTIVE
-            if tree == ADAPTIVE and (profile := load_profile(self)) is not None:
-                rates, cost = profile.rates, profile.mean_cost_ms
-                return AdaptiveTreeDrafter(self.runner.vocab_size, rates, cost, self.topk, hot_start)
-            choice = self._tuned_tree(tree)[1] if tree in TUNED else resolve_tree(tree, self.topk)
+            choice = resolve_tree(tree, self.topk)
         return TokenRecyclingDrafter(self.runner.vocab_size, choice.template, self.topk, hot_start, budget=choice.budget)
 
     # ---- prompts -------------------------------------------------------------------------
