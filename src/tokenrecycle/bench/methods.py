@@ -285,10 +285,12 @@ class MethodFactory:
         return self._train_free(name, "auto", "a bandit choosing among Token Recycling, lookup, retrieval and their merges")
 
     def _train_free(self, name, kind: str, description: str) -> OwnLoopMethod:
-        store = SuffixAutomaton.load(self.datastore) if self.datastore else None
+        # Each retrieving method reads the file into an automaton of its own: it learns as it runs.
+        retrieves = kind in ("retrieval", "merged", "auto")
+        store = SuffixAutomaton.load(self.datastore) if self.datastore and retrieves else None
         drafter = self.generator.train_free_drafter(kind, store)
         settings = {"drafter": kind, "tree": self.generator.tree_name}
-        if kind in ("retrieval", "merged", "auto"):
+        if retrieves:
             settings.update(datastore=self.datastore, datastore_tokens=store.tokens if store else 0)
         if isinstance(drafter, AutoDrafter):
             settings["arms"] = [f"{'+'.join(names)}/{budget}" for names, budget in drafter.arms]
