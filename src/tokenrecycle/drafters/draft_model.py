@@ -76,8 +76,7 @@ class DraftModelDrafter(Drafter):
                     dists.append(q)
                     grown.append(len(tokens) - 1)
             frontier = grown
-        probs = None if self.sampling is None else torch.stack([dists[1] if d is None else d for d in dists])
-        return tree_from_parents(tokens, parents, probs)
+        return self._tree(tokens, parents, dists)
 
     def _propose_beam(self, root_token: int) -> DraftTree:
         """Stochastic beam search (Kool et al. 2019): each sequence's log-probability plus Gumbel
@@ -102,8 +101,7 @@ class DraftModelDrafter(Drafter):
                 parents.append(node)
                 dists.append(q)
                 beam.append((len(tokens) - 1, log_p, score))
-        probs = None if self.sampling is None else torch.stack([dists[1] if d is None else d for d in dists])
-        return tree_from_parents(tokens, parents, probs)
+        return self._tree(tokens, parents, dists)
 
     def _beam_children(self, node: int, log_p: float, perturbed: float, log_q: torch.Tensor, q: torch.Tensor | None):
         """The node's best `beam` children as (score, node, token, log-probability, q)."""
@@ -119,6 +117,12 @@ class DraftModelDrafter(Drafter):
             (float(scores[i]), node, int(support[i]), float(child_log_p[i]), q)
             for i in best.indices.tolist()
         ]
+
+    def _tree(self, tokens: list[int], parents: list[int], dists: list) -> DraftTree:
+        """The drafted tree; when sampling, with the distribution each node was drawn from (the
+        root's row is a placeholder: nothing was drawn for it)."""
+        probs = None if self.sampling is None else torch.stack([dists[1] if d is None else d for d in dists])
+        return tree_from_parents(tokens, parents, probs)
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:
         self._fed_before_root = tree.tokens[accepted].tolist()
