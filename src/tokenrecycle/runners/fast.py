@@ -145,7 +145,8 @@ class FastRunner(ModelRunner):
         self._rope_keys = sorted({layer.rope for layer in self._layers})
         self._rope_takes_layer_type = "layer_type" in inspect.signature(self._rotary.forward).parameters
         self._norm = RMSNorm(decoder.norm, gemma)
-        self._lm_head = Linear(model.get_output_embeddings().weight.detach())  # never quantised
+        # Never quantised: torch's int8 weight-only kernel was no faster than this prepacked bf16 one.
+        self._lm_head = Linear(model.get_output_embeddings().weight.detach())
         self._softcap = getattr(config, "final_logit_softcapping", None)
         # On CPU, attention runs in float32 whatever the weights: its bf16 kernels are several times
         # slower here, and the keys and values are cached exactly (a bf16 value widens losslessly).
