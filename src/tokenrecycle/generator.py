@@ -143,10 +143,8 @@ class Generator:
         self.tree_name = tree if isinstance(tree, str) else "custom"
         self.template = choice.template
         self._budget = choice.budget
-        if tree == ADAPTIVE:  # only named so when a profile exists
-            self.drafter = self._adaptive_drafter(profile, self.hot_start)
-        else:
-            self.drafter = self.new_drafter(hot_start=self.hot_start)
+        self._profile = profile  # what an adaptive tree (only named so with a profile) starts from
+        self.drafter = self.new_drafter(hot_start=self.hot_start)
 
     def _tuned_tree(self, tree: str):
         """This machine's tuned tree, or the static default for the dtype when there is no
@@ -216,9 +214,11 @@ class Generator:
     def new_drafter(self, hot_start: bool = True, tree: str | Sequence[Sequence[int]] | None = None) -> Drafter:
         """A Token Recycling drafter of its own (own table) for this runner: this generator's
         tree unless another is given. Pass it to generate(drafter=...)."""
-        if tree is None and self.tree_name != ADAPTIVE:  # this generator's own fixed tree
+        if tree is None:  # this generator's own tree
+            if self.tree_name == ADAPTIVE:
+                return self._adaptive_drafter(self._profile, hot_start)
             choice = TreeChoice(self.template, self._budget)
-        elif (tree := ADAPTIVE if tree is None else tree) in TUNED:  # None here: this adaptive generator
+        elif tree in TUNED:
             name, choice, _, profile = self._tuned_tree(tree)
             if name == ADAPTIVE:
                 return self._adaptive_drafter(profile, hot_start)
