@@ -18,23 +18,24 @@ def forward_costs(
 ) -> dict[str, dict[int, float]]:
     """Median ms of one forward pass of n tree tokens on top of `context` cached tokens, per runner.
 
-    Runners take turns at each size, so a slow spell of the machine hits them alike. The first
-    pass over the smallest size is a warm-up and is not kept."""
+    The sizes are swept `repeats` times in rounds, and the runners take turns at each size, so a
+    slow spell of the machine spreads over every size and runner instead of bending the curve at
+    one of them. One round before the measured ones is a warm-up and is not kept."""
     rng = np.random.default_rng(seed)
     vocab = min(runner.vocab_size for runner in runners.values())
     prompt = rng.integers(0, vocab, size=context)
-    costs: dict[str, dict[int, float]] = {name: {} for name in runners}
-    for n in (sizes[0], *sizes):
-        tree = chain_tree(rng.integers(0, vocab, size=n))
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for runner in runners.values():
-            runner.prefill(prompt, reserve=repeats + 8)
-        for _ in range(repeats):
+    trees = {n: chain_tree(rng.integers(0, vocab, size=n)) for n in sizes}
+    passes = (repeats + 1) * len(sizes)
+    for runner in runners.values():
+        runner.prefill(prompt, reserve=passes + 8)
+    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in runners}
+    for round_index in range(repeats + 1):
+        for n in sizes:
             for name, runner in runners.items():
                 start = time.perf_counter()
-                runner.forward_tree(tree)
-                times[name].append(time.perf_counter() - start)
+                runner.forward_tree(trees[n])
+                elapsed = time.perf_counter() - start
                 runner.commit(np.array([0]))  # keep the root only: the context stays (almost) fixed
-        for name in runners:
-            costs[name][n] = statistics.median(times[name]) * 1e3
-    return costs
+                if round_index > 0:
+                    times[name][n].append(elapsed)
+    return {name: {n: statistics.median(per_size[n]) * 1e3 for n in sizes} for name, per_size in times.items()}
