@@ -12,7 +12,8 @@ import pytest
 
 from tokenrecycle.bench import default_questions, per_category, read_questions
 from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun, decided_per_call
-from tokenrecycle.bench.metrics import OVERALL, first_difference, summarize
+from tokenrecycle.bench.metrics import OVERALL, MethodStats, first_difference, profile_frontier, summarize, tree_checks
+from tokenrecycle.bench.plots import plot_tree_checks
 from tokenrecycle.bench.questions import BenchInputError
 from tokenrecycle.cli import main
 
@@ -222,6 +223,42 @@ def test_first_difference():
     assert first_difference([1, 2, 3], [1, 2, 3]) is None
     assert first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def profiled_section(methods: dict[str, list]) -> dict:
+    """A section whose profile knows rates for rank paths 0, 0.0 and 1 and a cost curve; one
+    record per method accepting 2 then 1 tokens after the prefill."""
+    profile = {
+        "acceptance": {"0": {"rate": 0.5, "visits": 20}, "0.0": {"rate": 0.5, "visits": 10}, "1": {"rate": 0.2, "visits": 10}},
+        "cost_ms": {"256": {"1": 10.0, "2": 10.0, "4": 20.0}, "1024": {"1": 10.0, "2": 10.0, "4": 20.0}},
+    }
+    return {
+        "profile": profile,
+        "methods": {name: {"base": "tr", "settings": {"paths": paths}} for name, paths in methods.items()},
+        "records": [{"method": name, "status": "ok", "accepted_lengths": [1, 2, 1]} for name in methods],
+    }
+
+
+def test_tree_checks_predict_from_the_profile_and_flag_uncalibrated_nodes(tmp_path):
+    section = profiled_section({"tr@chain": [[0], [0, 0]], "tr@wide": [[0], [5], [5, 0]]})
+    stats = {name: {OVERALL: MethodStats(tokens_per_s=40.0)} for name in section["methods"]}
+    chain, wide = tree_checks(section, stats)
+    assert (chain.nodes, chain.depth, chain.calibrated) == (2, 2, True)
+    assert chain.predicted_tokens == pytest.approx(1 + 0.5 + 0.25)
+    assert chain.predicted_tokens_per_s == pytest.approx(1000 * 1.75 / 15.0)  # 3 tokens: between 2 and 4
+    assert chain.measured_tokens == pytest.approx(1.5) and chain.measured_tokens_per_s == 40.0
+    # rank 5 was never calibrated: it and its child count as never accepted, a lower bound
+    assert wide.calibrated is False and wide.predicted_tokens == pytest.approx(1.5)
+    plot = plot_tree_checks([chain, wide], profile_frontier(section), "float32", tmp_path / "trees.png")
+    assert plot.stat().st_size > 0
+
+
+def test_profile_frontier_is_the_best_tree_of_every_size():
+    frontier = profile_frontier(profiled_section({}), max_nodes=3)
+    assert [plan.num_nodes for plan in frontier] == [0, 1, 2, 3]
+    assert [plan.paths[-1] for plan in frontier[1:]] == [(0,), (0, 0), (1,)]  # most likely node first
+    assert [plan.expected_tokens for plan in frontier] == pytest.approx([1.0, 1.5, 1.75, 1.95])
+    assert profile_frontier({"profile": None}) == []
 
 
 def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_path):

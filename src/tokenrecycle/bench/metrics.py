@@ -14,8 +14,8 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..tree_search import expected_tokens, step_cost
-from ..tuning import mean_cost, parse_path
+from ..tree_search import TreePlan, expected_tokens, plans_by_size, step_cost
+from ..tuning import COST_SIZES, mean_cost, parse_path
 
 OVERALL = "overall"
 NAN = float("nan")
@@ -123,27 +123,46 @@ class TreeCheck:
     measured_tokens: float  # new tokens per forward pass after the prefill
     predicted_tokens_per_s: float  # forward passes only: the loop's own time comes on top
     measured_tokens_per_s: float
+    calibrated: bool = True  # False: some nodes lie outside the calibration tree and count as never
+    # accepted, so the prediction is a lower bound
+
+
+def profile_rates_and_cost(section: dict) -> tuple[dict, dict[int, float]] | None:
+    """The acceptance rates and the mean cost curve of the section's tuning profile, if it had one."""
+    profile = section.get("profile")
+    if not profile:
+        return None
+    rates = {parse_path(p): v["rate"] for p, v in profile["acceptance"].items()}
+    cost = mean_cost({int(c): {int(n): ms for n, ms in curve.items()} for c, curve in profile["cost_ms"].items()})
+    return rates, cost
 
 
 def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list[TreeCheck]:
     """For each Token Recycling method on the profiled runner with one tree for every step."""
-    profile = section.get("profile")
-    if not profile:
+    profiled = profile_rates_and_cost(section)
+    if profiled is None:
         return []
-    rates = {parse_path(p): v["rate"] for p, v in profile["acceptance"].items()}
-    cost = mean_cost({int(c): {int(n): ms for n, ms in curve.items()} for c, curve in profile["cost_ms"].items()})
+    rates, cost = profiled
     checks = []
     for method, info in section["methods"].items():
         settings = info["settings"]
         if info["base"] not in ("tr", "tr-cold") or "paths" not in settings:
             continue
         paths = [tuple(p) for p in settings["paths"]]
-        predicted = expected_tokens(paths, rates) if all(p in rates for p in paths) else NAN
+        known = [p for p in paths if all(p[:i] in rates for i in range(1, len(p) + 1))]
+        predicted = expected_tokens(known, rates)
         ok = [r for r in section["records"] if r["method"] == method and r["status"] == "ok" and len(r["accepted_lengths"]) > 1]
         decoded = sum(sum(r["accepted_lengths"][1:]) for r in ok)
         passes = sum(len(r["accepted_lengths"]) - 1 for r in ok)
         checks.append(TreeCheck(
             method, len(paths), max((len(p) for p in paths), default=0), predicted, decoded / passes if passes else NAN,
             1000.0 * predicted / step_cost(cost, len(paths) + 1), stats[method][OVERALL].tokens_per_s,
+            calibrated=len(known) == len(paths),
         ))  # fmt: skip
     return sorted(checks, key=lambda check: check.nodes)
+
+
+def profile_frontier(section: dict, max_nodes: int = COST_SIZES[-1] - 1) -> list[TreePlan]:
+    """What the profile predicts for the best tree of every size: the curve the tuner chose from."""
+    profiled = profile_rates_and_cost(section)
+    return plans_by_size(*profiled, max_nodes) if profiled else []

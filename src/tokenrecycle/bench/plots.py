@@ -65,21 +65,34 @@ def plot_cost_curves(section: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_tree_checks(checks, dtype: str, path: Path) -> Path | None:
-    """Predicted against measured tokens per step and tokens/s, by tree size."""
+def plot_tree_checks(checks, frontier, dtype: str, path: Path) -> Path | None:
+    """Predicted against measured tokens per step and tokens/s, by tree size; the line is the
+    profile's prediction for the best tree of each size, the curve the tuner chose from."""
     if not checks:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    nodes = [c.nodes for c in checks]
-    for axis, predicted, measured, label in (
-        (left, [c.predicted_tokens for c in checks], [c.measured_tokens for c in checks], "tokens per step"),
-        (right, [c.predicted_tokens_per_s for c in checks], [c.measured_tokens_per_s for c in checks], "tokens/s"),
+    for axis, planned, predicted, measured, label in (
+        (left, lambda p: p.expected_tokens, lambda c: c.predicted_tokens, lambda c: c.measured_tokens, "tokens per step"),
+        (right, lambda p: p.tokens_per_s, lambda c: c.predicted_tokens_per_s, lambda c: c.measured_tokens_per_s, "tokens/s"),
     ):
-        axis.plot(nodes, predicted, marker="o", linestyle="--", label="predicted")
-        axis.plot(nodes, measured, marker="s", label="measured")
+        drafting = [plan for plan in frontier if plan.num_nodes > 0]  # a log axis has no room for plain decoding
+        if drafting:
+            axis.plot(
+                [plan.num_nodes for plan in drafting], [planned(plan) for plan in drafting],
+                color="0.6", linewidth=1, label="predicted, best tree of each size",
+            )  # fmt: skip
+        for calibrated, style in ((True, {}), (False, {"markerfacecolor": "none"})):
+            chosen = [c for c in checks if c.calibrated == calibrated]
+            if chosen:
+                note = "" if calibrated else " (lower bound: nodes beyond calibration)"
+                axis.plot([c.nodes for c in chosen], [predicted(c) for c in chosen], "o", color="C0", label=f"predicted{note}", **style)
+        axis.plot([c.nodes for c in checks], [measured(c) for c in checks], marker="s", color="C1", label="measured")
+        for c in checks:
+            axis.annotate(c.method.split("@")[-1], (c.nodes, measured(c)), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        axis.set_xscale("log", base=2)
         axis.set_xlabel("tree nodes")
         axis.set_ylabel(label)
-        axis.legend(fontsize="small")
+        axis.legend(fontsize="x-small")
     fig.suptitle(f"Trees: tuning profile's prediction against the benchmark, {dtype}")
     return _save(fig, path)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .harness import load_results
-from .metrics import OVERALL, MethodStats, baseline_of, categories, summarize, tree_checks
+from .metrics import OVERALL, MethodStats, baseline_of, categories, profile_frontier, summarize, tree_checks
 from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups, plot_tree_checks
 
 REPORT_FILE = "report.md"
@@ -32,7 +32,7 @@ def render(out: str | Path) -> Path:
             plot_speedups(section, stats, out / f"speedup_{dtype}.png"),
             plot_accepted_lengths(section, stats, out / f"accepted_{dtype}.png"),
             plot_cost_curves(section, out / f"cost_{dtype}.png"),
-            plot_tree_checks(checks, section["dtype"], out / f"trees_{dtype}.png"),
+            plot_tree_checks(checks, profile_frontier(section), dtype, out / f"trees_{dtype}.png"),
         ]
         parts.append(section_report(section, stats, checks, [p for p in plots if p is not None]))
     path = out / REPORT_FILE
@@ -137,10 +137,18 @@ def checks_table(checks) -> str:
     rows = [["method", "nodes", "depth", "tokens/step predicted", "measured", "tokens/s predicted (forward passes only)", "measured"]]
     for c in checks:
         rows.append([
-            c.method, str(c.nodes), str(c.depth), fmt(c.predicted_tokens), fmt(c.measured_tokens),
-            fmt(c.predicted_tokens_per_s, 1), fmt(c.measured_tokens_per_s, 1),
+            c.method, str(c.nodes), str(c.depth), bound(c) + fmt(c.predicted_tokens), fmt(c.measured_tokens),
+            bound(c) + fmt(c.predicted_tokens_per_s, 1), fmt(c.measured_tokens_per_s, 1),
         ])  # fmt: skip
-    return markdown(rows)
+    note = (
+        "\n\n≥: the tree has nodes outside the calibration tree; they count as never accepted, so the "
+        "prediction is a lower bound."
+    )
+    return markdown(rows) + (note if any(not c.calibrated for c in checks) else "")
+
+
+def bound(check) -> str:
+    return "" if check.calibrated else "≥"
 
 
 def methods_list(section: dict) -> str:
