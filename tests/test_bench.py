@@ -12,7 +12,7 @@ import pytest
 
 from tokenrecycle.bench import default_questions, per_category, read_questions
 from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun, decided_per_call
-from tokenrecycle.bench.metrics import OVERALL, MethodStats, first_difference, profile_frontier, summarize, tree_checks
+from tokenrecycle.bench.metrics import OVERALL, MethodStats, by_temperature, first_difference, profile_frontier, summarize, tree_checks
 from tokenrecycle.bench.plots import plot_tree_checks
 from tokenrecycle.bench.questions import BenchInputError
 from tokenrecycle.cli import main
@@ -282,3 +282,10 @@ def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_pat
     auto = [r for r in section["records"] if r["method"] == "auto"][-1]["details"]
     assert set(auto["credit"]) == {"tr", "lookup", "retrieval"} and sum(auto["plays"].values()) > 0
     assert "credit: tr " in report
+    runs = by_temperature(section, stats)
+    assert set(runs) == {"ar", "plain", "tr", "sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto"}
+    assert runs["tr"][0.7] is stats["tr~t0.7"][OVERALL] and runs["tr"][0.0] is stats["tr"][OVERALL]
+    kept = f"{stats['tr~t0.7'][OVERALL].speedup / stats['tr'][OVERALL].speedup:.0%}"
+    sampled_part = report.split("### Greedy and sampled")[1]
+    tr_row = next(line for line in sampled_part.splitlines() if line.startswith("| tr |"))
+    assert tr_row.endswith(f"| {kept} |")  # greedy speedup, MAT, sampled speedup, MAT, kept

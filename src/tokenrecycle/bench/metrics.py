@@ -72,6 +72,18 @@ def summarize(section: dict) -> dict[str, dict[str, MethodStats]]:
     return stats
 
 
+def by_temperature(section: dict, stats: dict[str, dict[str, MethodStats]]) -> dict[str, dict[float, MethodStats]]:
+    """Overall stats of each method at each temperature it ran at, keyed by its greedy name
+    (sampled runs are methods of their own, named with a ~tT suffix)."""
+    table: dict[str, dict[float, MethodStats]] = {}
+    for method, info in section["methods"].items():
+        temperature = float(info.get("temperature") or 0.0)
+        suffix = f"~t{temperature:g}" if temperature else ""
+        name = method[: -len(suffix)] if suffix and method.endswith(suffix) else method
+        table.setdefault(name, {})[temperature] = stats[method][OVERALL]
+    return table
+
+
 def group_stats(records: list[dict]) -> MethodStats:
     ok = [r for r in records if r["status"] == "ok"]
     stats = MethodStats(prompts=len(ok), failed=len(records) - len(ok))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .harness import load_results
-from .metrics import OVERALL, MethodStats, baseline_of, categories, profile_frontier, summarize, tree_checks
+from .metrics import OVERALL, MethodStats, baseline_of, by_temperature, categories, profile_frontier, summarize, tree_checks
 from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups, plot_tree_checks
 
 REPORT_FILE = "report.md"
@@ -72,6 +72,9 @@ def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], chec
         "### Tokens/s by category (median)\n\n" + category_table(section, stats, lambda s: fmt(s.tokens_per_s, 1)),
         "### Accepted tokens per forward pass (share of passes)\n\n" + accepted_table(stats),
     ]
+    temperatures = sorted({float(info.get("temperature") or 0.0) for info in section["methods"].values()})
+    if len(temperatures) > 1:
+        parts.append("### Greedy and sampled: overall speedup and MAT by temperature\n\n" + temperature_table(section, stats, temperatures))
     if checks:
         parts.append("### Trees: predicted by the tuning profile and measured\n\n" + checks_table(checks))
     if section["cost_curves"]:
@@ -90,6 +93,26 @@ def paper_table(section: dict, stats) -> str:
     for method in section["methods"]:
         overall = stats[method][OVERALL]
         rows.append([method, *(fmt_x(stats[method][c].speedup) for c in cats), fmt(overall.mat), fmt(overall.tokens_per_s, 1), fmt_x(overall.speedup)])
+    return markdown(rows)
+
+
+def temperature_table(section: dict, stats, temperatures: list[float]) -> str:
+    """Each method's overall speedup (against plain decoding or sampling at the same temperature)
+    and MAT per temperature; "kept" is the sampled speedup over the greedy one."""
+    head = ["method"]
+    for t in temperatures:
+        label = "greedy" if t == 0 else f"T={t:g}"
+        head += [f"{label} speedup", f"{label} MAT"] + (["kept of greedy"] if t > 0 and 0.0 in temperatures else [])
+    rows = [head]
+    for name, runs in by_temperature(section, stats).items():
+        greedy = runs.get(0.0)
+        row = [name]
+        for t in temperatures:
+            run = runs.get(t, MethodStats())
+            row += [fmt_x(run.speedup), fmt(run.mat)]
+            if t > 0 and 0.0 in temperatures:
+                row.append(fmt_share(run.speedup / greedy.speedup) if greedy else "n/a")
+        rows.append(row)
     return markdown(rows)
 
 
