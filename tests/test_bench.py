@@ -240,7 +240,8 @@ def profiled_section(methods: dict[str, list]) -> dict:
 
 
 def test_tree_checks_predict_from_the_profile_and_flag_uncalibrated_nodes(tmp_path):
-    section = profiled_section({"tr@chain": [[0], [0, 0]], "tr@wide": [[0], [5], [5, 0]]})
+    section = profiled_section({"tr@chain": [[0], [0, 0]], "tr@wide": [[0], [5], [5, 0]], "tr@chain~t0.7": [[0], [0, 0]]})
+    section["methods"]["tr@chain~t0.7"]["temperature"] = 0.7  # greedy rates do not predict sampling: left out
     stats = {name: {OVERALL: MethodStats(tokens_per_s=40.0)} for name in section["methods"]}
     chain, wide = tree_checks(section, stats)
     assert (chain.nodes, chain.depth, chain.calibrated) == (2, 2, True)

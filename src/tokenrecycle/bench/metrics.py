@@ -150,7 +150,7 @@ def profile_rates_and_cost(section: dict) -> tuple[dict, dict[int, float]] | Non
 
 
 def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list[TreeCheck]:
-    """For each Token Recycling method on the profiled runner with one tree for every step."""
+    """For each greedy Token Recycling method on the profiled runner with one tree for every step."""
     profiled = profile_rates_and_cost(section)
     if profiled is None:
         return []
@@ -158,8 +158,8 @@ def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list
     checks = []
     for method, info in section["methods"].items():
         settings = info["settings"]
-        if info["base"] not in ("tr", "tr-cold") or "paths" not in settings:
-            continue
+        if info["base"] not in ("tr", "tr-cold") or "paths" not in settings or info.get("temperature"):
+            continue  # the profile's rates are greedy acceptance: they predict greedy runs only
         paths = [tuple(p) for p in settings["paths"]]
         known = [p for p in paths if all(p[:i] in rates for i in range(1, len(p) + 1))]
         predicted = expected_tokens(known, rates)
