@@ -33,6 +33,7 @@ from .trees import RankPath, offered_nodes, rank_budget_template
 PROFILE_VERSION = 1
 COST_CONTEXTS = (256, 1024)
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_TREE_NODES = COST_SIZES[-1] - 1  # the largest tree (with its root) the cost curve covers
 CALIBRATION_TREE = rank_budget_template(6, 2, 8)  # 93 paths: wide at the top, deep along rank 0
 CALIBRATION_TOKENS = 96
 MIN_VISITS = 10  # a rate from fewer visits is noise; such paths are not chosen
@@ -164,7 +165,7 @@ def tune(generator, seconds: float = DEFAULT_SECONDS, progress: Progress | None 
     remaining = max(seconds - (time.perf_counter() - start), seconds * 0.3)
     visits, hits = calibrate(generator, remaining, lambda f, t: report(0.3 + 0.7 * f, t))
     rates = {p: hits[p] / visits[p] for p in visits if visits[p] >= MIN_VISITS}
-    plan = choose_tree(rates, mean_cost(cost), max_nodes=COST_SIZES[-1] - 1)
+    plan = choose_tree(rates, mean_cost(cost), max_nodes=MAX_TREE_NODES)
     profile = Profile(
         profile_key(generator), cost, rates, {p: visits[p] for p in rates}, plan,
         time.perf_counter() - start, time.strftime("%Y-%m-%d %H:%M:%S"),

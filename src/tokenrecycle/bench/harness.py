@@ -35,6 +35,7 @@ from .methods import (
     MethodUnavailable,
     method_names,
 )
+from .metrics import temperature_suffix
 from .progress import BenchProgress
 from .questions import Question
 
@@ -200,7 +201,7 @@ def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) ->
         # Sampled runs are methods of their own, named with the temperature, against plain
         # sampling at that temperature on their runtime.
         sampling = Sampling(temperature=temperature) if temperature > 0 else None
-        suffix = f"~t{temperature:g}" if sampling else ""
+        suffix = temperature_suffix(temperature)
         for name, base, tree in names:
             before = current_rss_bytes()
             try:

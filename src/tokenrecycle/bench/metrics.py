@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..tree_search import TreePlan, expected_tokens, plans_by_size, step_cost
-from ..tuning import COST_SIZES, mean_cost, parse_path
+from ..tuning import MAX_TREE_NODES, mean_cost, parse_path
 
 OVERALL = "overall"
 NAN = float("nan")
@@ -72,13 +72,17 @@ def summarize(section: dict) -> dict[str, dict[str, MethodStats]]:
     return stats
 
 
+def temperature_suffix(temperature: float) -> str:
+    """How the name of a sampled run ends (~tT): sampled runs are methods of their own."""
+    return f"~t{temperature:g}" if temperature > 0 else ""
+
+
 def by_temperature(section: dict, stats: dict[str, dict[str, MethodStats]]) -> dict[str, dict[float, MethodStats]]:
-    """Overall stats of each method at each temperature it ran at, keyed by its greedy name
-    (sampled runs are methods of their own, named with a ~tT suffix)."""
+    """Overall stats of each method at each temperature it ran at, keyed by its greedy name."""
     table: dict[str, dict[float, MethodStats]] = {}
     for method, info in section["methods"].items():
         temperature = float(info.get("temperature") or 0.0)
-        suffix = f"~t{temperature:g}" if temperature else ""
+        suffix = temperature_suffix(temperature)
         name = method[: -len(suffix)] if suffix and method.endswith(suffix) else method
         table.setdefault(name, {})[temperature] = stats[method][OVERALL]
     return table
@@ -174,7 +178,7 @@ def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list
     return sorted(checks, key=lambda check: check.nodes)
 
 
-def profile_frontier(section: dict, max_nodes: int = COST_SIZES[-1] - 1) -> list[TreePlan]:
+def profile_frontier(section: dict, max_nodes: int = MAX_TREE_NODES) -> list[TreePlan]:
     """What the profile predicts for the best tree of every size: the curve the tuner chose from."""
     profiled = profile_rates_and_cost(section)
     return plans_by_size(*profiled, max_nodes) if profiled else []

@@ -72,9 +72,10 @@ def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], chec
         "### Tokens/s by category (median)\n\n" + category_table(section, stats, lambda s: fmt(s.tokens_per_s, 1)),
         "### Accepted tokens per forward pass (share of passes)\n\n" + accepted_table(stats),
     ]
-    temperatures = sorted({float(info.get("temperature") or 0.0) for info in section["methods"].values()})
+    runs = by_temperature(section, stats)
+    temperatures = sorted({t for per_method in runs.values() for t in per_method})
     if len(temperatures) > 1:
-        parts.append("### Greedy and sampled: overall speedup and MAT by temperature\n\n" + temperature_table(section, stats, temperatures))
+        parts.append("### Greedy and sampled: overall speedup and MAT by temperature\n\n" + temperature_table(runs, temperatures))
     if checks:
         parts.append("### Trees: predicted by the tuning profile and measured\n\n" + checks_table(checks))
     if section["cost_curves"]:
@@ -96,21 +97,22 @@ def paper_table(section: dict, stats) -> str:
     return markdown(rows)
 
 
-def temperature_table(section: dict, stats, temperatures: list[float]) -> str:
+def temperature_table(runs: dict[str, dict[float, MethodStats]], temperatures: list[float]) -> str:
     """Each method's overall speedup (against plain decoding or sampling at the same temperature)
     and MAT per temperature; "kept" is the sampled speedup over the greedy one."""
+    kept_column = {t: t > 0 and 0.0 in temperatures for t in temperatures}
     head = ["method"]
     for t in temperatures:
         label = "greedy" if t == 0 else f"T={t:g}"
-        head += [f"{label} speedup", f"{label} MAT"] + (["kept of greedy"] if t > 0 and 0.0 in temperatures else [])
+        head += [f"{label} speedup", f"{label} MAT"] + (["kept of greedy"] if kept_column[t] else [])
     rows = [head]
-    for name, runs in by_temperature(section, stats).items():
-        greedy = runs.get(0.0)
+    for name, per_temperature in runs.items():
+        greedy = per_temperature.get(0.0)
         row = [name]
         for t in temperatures:
-            run = runs.get(t, MethodStats())
+            run = per_temperature.get(t, MethodStats())
             row += [fmt_x(run.speedup), fmt(run.mat)]
-            if t > 0 and 0.0 in temperatures:
+            if kept_column[t]:
                 row.append(fmt_share(run.speedup / greedy.speedup) if greedy else "n/a")
         rows.append(row)
     return markdown(rows)
