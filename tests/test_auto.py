@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tokenrecycle.bandit import UCB
+from tokenrecycle.bandit import ContextualBandit, ThompsonSampling
 from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.drafters import TokenRecyclingDrafter
 from tokenrecycle.drafters.auto import AutoDrafter, merge_trees
@@ -26,20 +26,55 @@ def test_merge_shares_prefixes_drops_duplicates_and_credits_both():
     tree, origin = merge_trees(9, [a, b], budget=10)
     paths = {tuple(tree.tokens[tree.path_to(i)].tolist()): origin[i] for i in range(len(tree))}
     assert paths == {(9,): 3, (9, 1): 3, (9, 4): 2, (9, 1, 2): 3, (9, 1, 3): 1, (9, 1, 2, 5): 2}
-    small, _ = merge_trees(9, [a, b], budget=3)  # level by level, the first tree first
-    assert sorted(tuple(small.tokens[small.path_to(i)].tolist()) for i in range(1, len(small))) == [(9, 1), (9, 1, 2), (9, 4)]
+    small, origin = merge_trees(9, [a, b], budget=3)  # in turns, each tree in its own order
+    paths = {tuple(small.tokens[small.path_to(i)].tolist()): origin[i] for i in range(1, len(small))}
+    assert paths == {(9, 1): 3, (9, 1, 2): 3, (9, 1, 3): 1}  # b's 1 and 2 were free; then a's 3
 
 
-def test_the_bandit_settles_on_the_best_arm():
-    rng = np.random.default_rng(0)
-    means = [0.3, 0.5, 0.8, 0.6]
-    bandit = UCB(len(means))
+def test_a_single_tree_is_cut_in_its_own_order():
+    branches = tree_from_parents([9, 1, 2, 3, 4, 5], [-1, 0, 1, 2, 0, 4])  # a long branch first
+    cut, origin = merge_trees(9, [branches], budget=3)
+    assert cut.tokens.tolist() == [9, 1, 2, 3] and origin == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_thompson_sampling_settles_on_the_best_arm(seed):
+    rng = np.random.default_rng(seed)
+    means = [30.0, 50.0, 58.0, 55.0]  # tokens/s-like rewards, close arms, noisy
+    bandit = ThompsonSampling(len(means), rng=np.random.default_rng(seed))
     plays = [0] * len(means)
     for _ in range(3000):
         arm = bandit.choose()
         plays[arm] += 1
-        bandit.update(arm, rng.normal(means[arm], 0.2) + 1)  # positive, noisy
+        bandit.update(arm, rng.normal(means[arm], 20.0))
     assert plays.index(max(plays)) == 2 and plays[2] > 0.6 * sum(plays)
+    assert plays[0] < 0.02 * sum(plays)  # the clearly bad arm is dropped early
+
+
+def test_a_fading_bandit_follows_a_change_of_best_arm():
+    rng = np.random.default_rng(1)
+    bandit = ThompsonSampling(2, fading=0.99, rng=rng)
+    for means in ([60.0, 40.0], [40.0, 60.0]):
+        late = [0, 0]
+        for step in range(2000):
+            arm = bandit.choose()
+            bandit.update(arm, rng.normal(means[arm], 10.0))
+            late[arm] += step >= 1500
+        assert late[int(np.argmax(means))] > 0.8 * sum(late)
+
+
+def test_the_contextual_bandit_learns_the_best_arm_per_context():
+    rng = np.random.default_rng(2)
+    best = {(0,): 0, (3,): 2}  # e.g. recycling without a match, copying after a long one
+    bandit = ContextualBandit(3)
+    late = {context: [0, 0, 0] for context in best}
+    for step in range(4000):
+        context = ((0,), (3,))[step % 2]
+        arm = bandit.choose(context)
+        bandit.update(context, arm, rng.normal(60.0 if arm == best[context] else 45.0, 15.0))
+        late[context][arm] += step >= 3000
+    for context, arm in best.items():
+        assert late[context][arm] > 0.8 * sum(late[context])
 
 
 def auto_drafter(adapt: bool = True, vocab: int = V) -> AutoDrafter:
@@ -61,6 +96,11 @@ def test_auto_drafting_is_exact_and_credits_the_drafters():
     assert out == sequential_greedy(model, [1, 2, 3, 4, 5, 1], 80)
     assert sum(drafter.plays) > 10 and min(drafter.plays) >= 1  # every arm tried
     assert drafter.credit["lookup"] > 0 and drafter.credit["tr"] > 0
+    contexts = drafter.bandit.by_context
+    assert len(contexts) > 1  # retrieval matches more of the text as it repeats
+    favourites = drafter.favourites()  # e.g. {"tr=0 lookup=2 retrieval=1": "lookup/4 30/41"}
+    assert len(favourites) == len(contexts) and all(label.startswith("tr=0 lookup=") for label in favourites)
+    assert sum(int(text.split()[-1].split("/")[1]) for text in favourites.values()) == sum(drafter.plays)
 
 
 @pytest.mark.parametrize("adapt", [False, True])

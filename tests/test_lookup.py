@@ -17,7 +17,7 @@ from fakes import ScriptedRunner, cycle_model, sequential_greedy
 from test_sampling import PROMPT, SETTINGS, TOKENS, SoftRunner, assert_same, plain_distribution
 
 
-def brute_force(tokens: list[int], max_ngram: int, min_ngram: int, count: int, depth: int) -> list[list[int]]:
+def brute_force(tokens: list[int], max_ngram: int, min_ngram: int, count: int, depth: int) -> tuple[int, list[list[int]]]:
     end = len(tokens)
     for n in range(min(max_ngram, end - 1), min_ngram - 1, -1):
         suffix = tokens[end - n :]
@@ -30,8 +30,8 @@ def brute_force(tokens: list[int], max_ngram: int, min_ngram: int, count: int, d
             if len(found) == count:
                 break
         if found:
-            return found
-    return []
+            return n, found
+    return 0, []
 
 
 @settings(max_examples=200, deadline=None)
@@ -65,6 +65,15 @@ def test_greedy_lookup_is_exact_and_copies_repetitive_text():
         lengths.append(len(step.tokens))
     assert out == sequential_greedy(model, prompt.tolist(), 60)
     assert max(lengths) == 7  # six drafted tokens and the bonus
+
+
+def test_evidence_is_the_length_of_the_suffix_continued():
+    drafter = LookupDrafter(max_ngram=3)
+    drafter.start(np.array([5, 6, 7, 8, 5, 6]), None)
+    drafter.propose(7)  # ... 5 6 7 occurred before, followed by 8
+    assert drafter.evidence == 3
+    drafter.propose(9)  # 9 never occurred
+    assert drafter.evidence == 0
 
 
 def test_sampling_with_lookup_drafts_has_plain_samplings_distribution():

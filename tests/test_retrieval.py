@@ -100,6 +100,18 @@ def test_greedy_retrieval_is_exact_and_learns_from_earlier_outputs():
     assert max(len(step.tokens) for step in steps) >= 5  # the earlier output was copied
 
 
+def test_evidence_grows_with_the_length_matched():
+    drafter = RetrievalDrafter(build([list(range(20))]), learn=False)
+    drafter.start(np.array([], dtype=np.int64), None)
+    evidence = []
+    for token in range(10):
+        drafter.propose(token)
+        evidence.append(drafter.evidence)
+    assert evidence == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]  # 1-3 tokens matched, then 4-7, then 8+
+    drafter.propose(99)  # never seen: nothing to continue
+    assert drafter.evidence == 0
+
+
 def test_sampling_with_retrieval_drafts_has_plain_samplings_distribution():
     corpus = build([np.random.default_rng(1).integers(0, 5, size=200).tolist()])
     for sampling in SETTINGS[:3]:

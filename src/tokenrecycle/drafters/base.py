@@ -28,6 +28,13 @@ class Drafter(ABC):
         """The target model's logits for every node of `tree`; `accepted` is the kept path."""
 
     @property
+    def evidence(self) -> int:
+        """How much the text at hand backs this drafter's last proposal, as a small bucket (0: not
+        at all); the auto drafter chooses its mix per combination of these. Copying drafters
+        report how long a suffix of the text they matched."""
+        return 0
+
+    @property
     def memory_bytes(self) -> int:
         """Extra state this drafter keeps, in bytes."""
         return 0

@@ -35,9 +35,10 @@ class NgramIndex:
             for n in range(1, min(self.max_ngram, end) + 1):
                 self.after[tuple(self.tokens[end - n : end])].append(end)
 
-    def continuations(self, min_ngram: int, count: int, depth: int) -> list[list[int]]:
+    def continuations(self, min_ngram: int, count: int, depth: int) -> tuple[int, list[list[int]]]:
         """Up to `count` distinct continuations (at most `depth` tokens each) of the longest suffix
-        (of at least `min_ngram` tokens) seen before, from its most recent earlier occurrences."""
+        (of at least `min_ngram` tokens) seen before, from its most recent earlier occurrences,
+        with that suffix's length (0 and none when no suffix occurred before)."""
         end = len(self.tokens)
         for n in range(min(self.max_ngram, end - 1), min_ngram - 1, -1):
             found: list[list[int]] = []
@@ -50,8 +51,8 @@ class NgramIndex:
                 if len(found) == count:
                     break
             if found:
-                return found
-        return []
+                return n, found
+        return 0, []
 
 
 class LookupDrafter(Drafter):
@@ -63,6 +64,7 @@ class LookupDrafter(Drafter):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.candidates, self.depth, self.budget = candidates, depth, budget
         self.index = NgramIndex(max_ngram)
+        self.matched = 0  # length of the suffix the last proposal continued
 
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
         self.index = NgramIndex(self.max_ngram)
@@ -70,11 +72,15 @@ class LookupDrafter(Drafter):
 
     def propose(self, root_token: int) -> DraftTree:
         self.index.extend([root_token])
-        branches = self.index.continuations(self.min_ngram, self.candidates, self.depth)
+        self.matched, branches = self.index.continuations(self.min_ngram, self.candidates, self.depth)
         return merge_branches(root_token, branches, self.budget)
 
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:
         self.index.extend(tree.tokens[accepted[1:]])
+
+    @property
+    def evidence(self) -> int:
+        return self.matched
 
     @property
     def memory_bytes(self) -> int:

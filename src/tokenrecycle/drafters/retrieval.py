@@ -25,6 +25,7 @@ class RetrievalDrafter(Drafter):
         self.budget, self.depth, self.learn = budget, depth, learn
         self._output: list[int] = []
         self._state, self._matched = 0, 0
+        self.continued = 0  # length of the suffix the last proposal continued
 
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
         if self.learn:
@@ -42,6 +43,7 @@ class RetrievalDrafter(Drafter):
         state = self._state
         while state > 0 and not self._has_continuation(state):
             state = self.automaton.link[state]
+        self.continued = min(self._matched, self.automaton.length[state]) if state > 0 else 0
         branches = [tokens for tokens, _ in self.automaton.continuations(state, self.budget, self.depth)] if state > 0 else []
         return merge_branches(root_token, branches, self.budget)
 
@@ -49,6 +51,11 @@ class RetrievalDrafter(Drafter):
         for token in tree.tokens[accepted[1:]].tolist():
             self._follow(token)
             self._output.append(token)
+
+    @property
+    def evidence(self) -> int:
+        """0 below 4 matched tokens, 1 below 8, else 2: one or two common tokens say little."""
+        return min(self.continued, 8) // 4
 
     @property
     def memory_bytes(self) -> int:
