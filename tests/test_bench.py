@@ -290,3 +290,32 @@ def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_pat
     sampled_part = report.split("### Greedy and sampled")[1]
     tr_row = next(line for line in sampled_part.splitlines() if line.startswith("| tr |"))
     assert tr_row.endswith(f"| {kept} |")  # greedy speedup, MAT, sampled speedup, MAT, kept
+
+
+def drafters_section(speeds: dict[str, list[float]], categories=("writing", "rag")) -> dict:
+    """A finished section where each method ran the same turns at the given tokens/s."""
+    methods = {name: {"baseline": None if name == "plain" else "plain"} for name in speeds}
+    records = [
+        {"method": name, "status": "ok", "category": categories[i % len(categories)], "question_id": str(i), "turn": 0,
+         "tokens_per_s": speed, "new_tokens": 10, "seconds": [10 / speed], "accepted_lengths": [1] * 10, "token_ids": [1] * 10, "peak_rss_bytes": 0}
+        for name, values in speeds.items() for i, speed in enumerate(values)
+    ]  # fmt: skip
+    return {"methods": methods, "records": records}
+
+
+def test_auto_is_paired_per_turn_with_the_best_single_drafter():
+    from tokenrecycle.bench.metrics import against_best_rival
+
+    rng = np.random.default_rng(0)
+    plain = rng.uniform(20, 60, size=40)  # prompts differ far more than methods do on one prompt
+    section = drafters_section({"plain": plain, "tr": 1.4 * plain, "lookup": 1.2 * plain, "auto": 1.5 * plain * rng.uniform(0.98, 1.02, 40)})
+    found = {c.category: c for c in against_best_rival(section, summarize(section))}
+    assert set(found) == {"writing", "rag", OVERALL}
+    for comparison in found.values():
+        assert comparison.rival == "tr" and comparison.turns == (40 if comparison.category == OVERALL else 20)
+        assert comparison.low <= comparison.ratio <= comparison.high and abs(comparison.ratio - 1.5 / 1.4) < 0.02
+        assert comparison.verdict == "faster"
+    level = np.tile([0.8, 0.8, 1.25, 1.25], 10)  # as often 20% slower as 25% faster, in each category
+    noisy = drafters_section({"plain": plain, "tr": 1.4 * plain, "auto": 1.4 * plain * level})
+    assert {c.verdict for c in against_best_rival(noisy, summarize(noisy))} == {"within noise"}
+    assert against_best_rival(drafters_section({"plain": plain, "tr": plain}), summarize(section)) == []  # no auto

@@ -14,11 +14,14 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..tree_search import TreePlan, expected_tokens, plans_by_size, step_cost
 from ..tuning import MAX_TREE_NODES, mean_cost, parse_path
 
 OVERALL = "overall"
 NAN = float("nan")
+SINGLE_DRAFTERS = ("tr", "lookup", "retrieval")  # what `auto` chooses among, each alone
 
 
 @dataclass
@@ -70,6 +73,45 @@ def summarize(section: dict) -> dict[str, dict[str, MethodStats]]:
                 own.speedup = ratio(own.tokens_per_s, own.tokens_per_s)
             own.vs_reference = ratio(own.tokens_per_s, stats[reference][category].tokens_per_s)
     return stats
+
+
+@dataclass
+class PairedComparison:
+    """A method against a rival on the same turns: the median of the per-turn tokens/s ratios and
+    a 90% bootstrap interval of that median (turns resampled)."""
+
+    category: str
+    method: str
+    rival: str
+    turns: int
+    ratio: float
+    low: float
+    high: float
+
+    @property
+    def verdict(self) -> str:
+        return "faster" if self.low > 1 else "slower" if self.high < 1 else "within noise"
+
+
+def against_best_rival(section: dict, stats, method: str = "auto", rivals=SINGLE_DRAFTERS, resamples: int = 2000) -> list[PairedComparison]:
+    """Per category (and overall), `method` against the rival with the best speedup there, turn by
+    turn: one method's speed varies more between prompts than between methods on one prompt."""
+    rivals = [r for r in rivals if r in section["methods"]]
+    if method not in section["methods"] or not rivals:
+        return []
+    speed = {(r["category"], r["question_id"], r["turn"], r["method"]): r["tokens_per_s"] for r in section["records"] if r["status"] == "ok"}
+    rng = np.random.default_rng(0)  # the same records give the same interval
+    found = []
+    for category in [*categories(section), OVERALL]:
+        rival = max(rivals, key=lambda r: stats[r][category].speedup)
+        turns = {key[:3] for key in speed if category in (OVERALL, key[0])}
+        logs = np.log([speed[t + (method,)] / speed[t + (rival,)] for t in sorted(turns) if t + (method,) in speed and t + (rival,) in speed])
+        if len(logs) == 0:
+            continue
+        medians = np.median(rng.choice(logs, (resamples, len(logs))), axis=1)
+        low, high = np.exp(np.percentile(medians, [5, 95]))
+        found.append(PairedComparison(category, method, rival, len(logs), float(np.exp(np.median(logs))), float(low), float(high)))
+    return found
 
 
 def temperature_suffix(temperature: float) -> str:

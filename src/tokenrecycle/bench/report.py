@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .harness import load_results
-from .metrics import OVERALL, MethodStats, baseline_of, by_temperature, categories, profile_frontier, summarize, tree_checks
+from .metrics import (
+    OVERALL, MethodStats, against_best_rival, baseline_of, by_temperature, categories, profile_frontier, summarize, tree_checks,
+)  # fmt: skip
 from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups, plot_tree_checks
 
 REPORT_FILE = "report.md"
@@ -76,6 +78,9 @@ def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], chec
     temperatures = sorted({t for per_method in runs.values() for t in per_method})
     if len(temperatures) > 1:
         parts.append("### Greedy and sampled: overall speedup and MAT by temperature\n\n" + temperature_table(runs, temperatures))
+    paired = against_best_rival(section, stats)
+    if paired:
+        parts.append("### auto against the best single drafter (paired per turn)\n\n" + paired_table(paired, stats))
     if checks:
         parts.append("### Trees: predicted by the tuning profile and measured\n\n" + checks_table(checks))
     if section["cost_curves"]:
@@ -115,6 +120,14 @@ def temperature_table(runs: dict[str, dict[float, MethodStats]], temperatures: l
             if kept_column[t]:
                 row.append(fmt_share(run.speedup / greedy.speedup) if greedy else "n/a")
         rows.append(row)
+    return markdown(rows)
+
+
+def paired_table(paired, stats) -> str:
+    method = paired[0].method
+    rows = [["category", "best single drafter", "its speedup", f"{method}'s speedup", "turns", f"{method} / it (median per turn)", "90% interval", "verdict"]]
+    for c in paired:
+        rows.append([c.category, c.rival, fmt_x(stats[c.rival][c.category].speedup), fmt_x(stats[method][c.category].speedup), str(c.turns), fmt(c.ratio, 3), f"{fmt(c.low, 3)}-{fmt(c.high, 3)}", c.verdict])
     return markdown(rows)
 
 
