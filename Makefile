@@ -40,7 +40,7 @@ llamacpp: $(STAMP)
 
 # Both runners, int4 weights and llama.cpp side by side (issue 4's comparison).
 bench-runners: $(STAMP)
-	$(VENV)/bin/tokenrecycle bench --dtype bfloat16 --methods ar,plain,tr,tr-hf,int4-plain,int4-tr,llamacpp --out bench-results/runners $(BENCH_ARGS)
+	$(VENV)/bin/tokenrecycle bench --dtype bfloat16 --methods ar,plain,tr,tr-hf,int4-plain,int4-tr,auto,llamacpp --out bench-results/runners $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
