@@ -15,24 +15,15 @@ import json
 from collections import Counter
 
 from tokenrecycle import Generator
-from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.tree_search import expected_tokens
-from tokenrecycle.trees import best_template, offered_nodes, rank_budget_template
-from tokenrecycle.tuning import calibration_prompts
+from tokenrecycle.trees import best_template, rank_budget_template
+from tokenrecycle.tuning import calibration_prompts, count_acceptance
 
 
-def count_acceptance(generator: Generator, prompts: list[str], max_new: int) -> tuple[Counter, Counter]:
-    paths = generator.template.paths
+def count_all(generator: Generator, prompts: list[str], max_new: int) -> tuple[Counter, Counter]:
     visits, hits = Counter(), Counter()
     for prompt in prompts:
-        ids = generator.encode(prompt)
-        for step in speculative_decode(generator.runner, generator.drafter, ids, max_new):
-            if step.tree is None:
-                continue
-            for node, hit in zip(*offered_nodes(step.tree, step.accepted)):
-                path = paths[step.tree.source[node]]
-                visits[path] += 1
-                hits[path] += bool(hit)
+        count_acceptance(generator, generator.drafter, prompt, max_new, visits, hits)
     return visits, hits
 
 
@@ -45,8 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     generator = Generator(dtype=args.dtype, tree=rank_budget_template(8, 2, 8))
     prompts = calibration_prompts()
-    count_acceptance(generator, prompts[:4], 32)  # warm the table first: rates of a hot table
-    visits, hits = count_acceptance(generator, prompts, args.max_new_tokens)
+    count_all(generator, prompts[:4], 32)  # warm the table first: rates of a hot table
+    visits, hits = count_all(generator, prompts, args.max_new_tokens)
     rates = {p: hits[p] / visits[p] for p in visits if visits[p] >= args.min_visits}
     for path in sorted(rates, key=lambda p: (len(p), p))[:40]:
         print(f"# {list(path)}: {rates[path]:.3f} ({visits[path]} visits)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 from dataclasses import dataclass
 
@@ -170,6 +172,21 @@ def test_ctrl_c_leaves_a_valid_partial_result_and_resume_completes_it(tiny_pair,
     assert records[: len(first)] == first  # kept, not measured again
     assert [r["question_id"] for r in records].count("1") == len(first) and {r["question_id"] for r in records} == {"1", "2", "3", "4"}
     assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,plain") + ["--resume"]) == 2  # other settings
+
+
+def terminate(message: str) -> Exception:
+    """Stop this process as `kill` would; the bench's handler raises before this returns."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    return RuntimeError(message)
+
+
+def test_sigterm_saves_a_partial_result_like_ctrl_c(tiny_pair, question_file, tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    install_failing(monkeypatch, "zebra", terminate)
+    assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf")) == 130
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "interrupted" and {r["question_id"] for r in results["sections"][0]["records"]} == {"1"}
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the bench's only while it runs
 
 
 @pytest.mark.parametrize(

@@ -188,20 +188,22 @@ def calibrate(generator, seconds: float, progress: Progress) -> tuple[dict, dict
     drafter = generator.new_drafter(hot_start=True, tree=tree)
     prompts = calibration_prompts()
     for prompt in prompts[:2]:
-        _count(generator, drafter, prompt, 24, {}, {}, deadline=None)
+        count_acceptance(generator, drafter, prompt, 24, {}, {})
     visits: dict[RankPath, int] = {}
     hits: dict[RankPath, int] = {}
     start = time.perf_counter()
     deadline = start + seconds
     for index, prompt in enumerate(prompts[2:]):
         progress(min((time.perf_counter() - start) / seconds, 1.0), f"acceptance rates, prompt {index + 1}")
-        _count(generator, drafter, prompt, CALIBRATION_TOKENS, visits, hits, deadline if index >= MIN_PROMPTS else None)
+        count_acceptance(generator, drafter, prompt, CALIBRATION_TOKENS, visits, hits, deadline if index >= MIN_PROMPTS else None)
         if index + 1 >= MIN_PROMPTS and time.perf_counter() >= deadline:
             break
     return visits, hits
 
 
-def _count(generator, drafter, prompt: str, max_new: int, visits: dict, hits: dict, deadline: float | None) -> None:
+def count_acceptance(generator, drafter, prompt: str, max_new: int, visits: dict, hits: dict, deadline: float | None = None) -> None:
+    """Decode one prompt with a template drafter, adding up per rank path how often its node was
+    offered (its parent accepted) and accepted; stops at the end of the answer or the deadline."""
     paths = drafter.template.paths
     ids = generator.encode(prompt)
     steps = speculative_decode(generator.runner, drafter, ids, max_new)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,7 +92,7 @@ class BenchConfig:
 
 def run_bench(config: BenchConfig) -> dict:
     """Run every dtype section; write results.json (after each question) and the report.
-    Ctrl-C ends the run early: what was measured is kept, with status "interrupted"."""
+    Ctrl-C or SIGTERM ends the run early: what was measured is kept, with status "interrupted"."""
     from .report import render  # matplotlib is imported only when a report is drawn
 
     config.check()
@@ -104,8 +107,9 @@ def run_bench(config: BenchConfig) -> dict:
     }
     progress = BenchProgress(enabled=config.progress)
     try:
-        for dtype in config.dtypes:
-            run_section(config, dtype, results, progress)
+        with sigterm_interrupts():
+            for dtype in config.dtypes:
+                run_section(config, dtype, results, progress)
         results["status"] = "complete"
     except KeyboardInterrupt:
         results["status"] = "interrupted"
@@ -116,6 +120,24 @@ def run_bench(config: BenchConfig) -> dict:
             save_results(results, config.out)
             render(config.out)
     return results
+
+
+@contextmanager
+def sigterm_interrupts():
+    """While running, SIGTERM (kill, a job scheduler's stop) interrupts like Ctrl-C, so a stopped
+    run is saved as interrupted (and can be resumed) instead of left "running"."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resumed_results(config: BenchConfig) -> dict | None:
