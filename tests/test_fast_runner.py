@@ -18,9 +18,11 @@ from tokenrecycle.errors import InvalidOptionError, UnsupportedModelError
 from tokenrecycle.hardware import auto_dtype, cpu_flags
 from tokenrecycle.runners import FastRunner, HFRunner, make_runner
 from tokenrecycle.runners.kv_cache import MIN_CAPACITY, KVCache
+from tokenrecycle.runners import fast
 from tokenrecycle.runners.linear import INT4_GROUP, Int4Linear
+from tokenrecycle.runners.native import native_module
 from tokenrecycle.trees import chain_tree, limit_depth, prune
-from tiny_models import COMMON, VOCAB, build, one_thread, trimmed  # noqa: F401
+from tiny_models import COMMON, VOCAB, build, one_thread, tiny_configs, trimmed  # noqa: F401
 
 CONTEXT = 48  # a context limit the property test runs into
 TEMPLATES = [trimmed(name) for name in ("tr4", "tr16", "tr48", "tr80")]
@@ -238,3 +240,42 @@ def test_int4_tree_logits_match_its_own_sequential_logits(one_thread):
         runner.prefill(np.concatenate([prompt, tree.tokens[path[:-1]]]))
         step = runner.forward_tree(chain_tree([tree.tokens[node]]))
         torch.testing.assert_close(tree_logits[node], step[0], atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# the C++ decoder loop runs the Python loop's operations: bit-identical results
+
+
+LOOP_CASES = [(family, torch.float32, None) for family in tiny_configs()] + [
+    ("llama", torch.bfloat16, None), ("gemma3", torch.bfloat16, None), ("llama", torch.bfloat16, "int4"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("family, dtype, quantize", LOOP_CASES)
+def test_the_cpp_loop_equals_the_python_loop_bit_for_bit(one_thread, family, dtype, quantize):
+    assert not isinstance(native_module(), str), native_module()  # a build this machine can make
+    model = build(tiny_configs()[family]).to(dtype)
+    native, python = FastRunner(model, quantize=quantize), FastRunner(model, quantize=quantize, native=False)
+    assert (native.loop, python.loop) == ("C++ loop", "Python loop")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, VOCAB, size=20)  # longer than the sliding windows
+    compiled = trimmed("tr16")
+    assert torch.equal(native.prefill(prompt), python.prefill(prompt))
+    for _ in range(3):
+        tree = prune(compiled, rng.integers(0, VOCAB, size=len(compiled.paths)), np.ones(len(compiled.paths), bool))
+        assert torch.equal(native.forward_tree(tree), python.forward_tree(tree))
+        path = tree.path_to(int(rng.integers(len(tree))))
+        native.commit(path), python.commit(path)
+    assert all(torch.equal(a, b) for a, b in zip(committed_cache(native), committed_cache(python)))
+
+
+def test_without_a_build_the_python_loop_runs_and_says_why(one_thread, monkeypatch):
+    model = MODELS["llama"]
+    monkeypatch.setattr(fast, "native_module", lambda: "the C++ loop could not be built (no compiler)")
+    runner = FastRunner(model)
+    assert runner.loop == "Python loop (the C++ loop could not be built (no compiler))"
+    monkeypatch.undo()
+    monkeypatch.setenv("TOKENRECYCLE_NATIVE", "0")
+    assert FastRunner(model).loop == "Python loop" and FastRunner(model, native=True).loop == "C++ loop"
+    prompt = np.arange(1, 9)
+    torch.testing.assert_close(runner.prefill(prompt), FastRunner(model).prefill(prompt), atol=0, rtol=0)

@@ -155,6 +155,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "dtype": generator.dtype,
         "dtype_reason": generator.dtype_reason,
         "runner": generator.runner_name,
+        "loop": getattr(generator.runner, "loop", None),
         "quantize": args.quantize,
         "tree": generator.tree_name if not args.draft else None,
         "draft": args.draft,
@@ -168,7 +169,8 @@ def run_generate(args: argparse.Namespace) -> int:
         drafting = drafting if args.drafter == "recycling" else f"drafter {args.drafter}"
         print(
             f"\n\n[tokenrecycle] {result.stats_line()} · {drafting} · "
-            f"{generator.dtype} ({generator.dtype_reason}) · {generator.runner_name}",
+            f"{generator.dtype} ({generator.dtype_reason}) · {generator.runner_name}"
+            + (f" ({generator.runner.loop})" if hasattr(generator.runner, "loop") else ""),
             file=sys.stderr,
         )
     if args.compare:

@@ -116,6 +116,7 @@ def profile_key(generator) -> dict:
         "model_file": f"{stat.st_size}:{stat.st_mtime_ns}",
         "dtype": generator.dtype,
         "runner": generator.runner_name,
+        "loop": getattr(generator.runner, "loop", None),  # the C++ loop makes each step cheaper
         "quantize": generator.quantize,
         "topk": generator.topk,
         "cpu": cpu_model(),

@@ -180,6 +180,7 @@ def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchP
         "dtype": generator.dtype,
         "dtype_reason": generator.dtype_reason,
         "runner": generator.runner_name,
+        "loop": getattr(generator.runner, "loop", None),
         "default_tree": generator.tree_name,
         "tree_reason": generator.tree_reason,
         "model_memory_bytes": current_rss_bytes() - before,

@@ -67,7 +67,8 @@ def decoding_text(temperatures: list[float]) -> str:
 
 def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], checks, plots: list[Path]) -> str:
     parts = [
-        f"## {section['dtype']} ({section['dtype_reason']}; runner {section['runner']}, default tree {section['default_tree']})",
+        f"## {section['dtype']} ({section['dtype_reason']}; runner {section['runner']}"
+        + (f" ({section['loop']})" if section.get("loop") else "") + f", default tree {section['default_tree']})",
         "### Speedup by category, MAT, tokens/s and overall speedup\n\n" + paper_table(section, stats),
         "### Details (all prompts)\n\n" + details_table(section, stats),
         "### MAT by category\n\n" + category_table(section, stats, lambda s: fmt(s.mat)),

@@ -4,7 +4,8 @@ It reuses the transformers model's weights and its small modules (embedding, act
 tables), so it computes what the model computes, but one step is a short list of large kernels:
 fused q/k/v and gate/up projections with weights prepacked once, the rotary table precomputed for
 the whole cache, tree tokens written straight into their cache slots, and the accepted path
-gathered into place instead of concatenating caches.
+gathered into place instead of concatenating caches. The layers run as one C++ call where the
+extension builds (native.py), else as the Python loop below: the same operations either way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .base import ModelRunner, additive_mask
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
 from .linear import LINEARS, Linear, fuse
+from .native import ACTIVATIONS, native_module, native_wanted
 
 # Families whose decoder layer is: [norm] attention [norm] + residual, [norm] MLP [norm] + residual,
 # with the names transformers gives their modules. Gemma stores RMSNorm weights as w - 1.
@@ -112,9 +114,11 @@ def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: b
 class FastRunner(ModelRunner):
     """Same answers as the transformers runner, far fewer and larger operations per step."""
 
-    def __init__(self, model: PreTrainedModel, quantize: str | None = None, layers: int | None = None):
+    def __init__(self, model: PreTrainedModel, quantize: str | None = None, layers: int | None = None, native: bool | None = None):
         """`layers`: run only the first N decoder layers, then the final norm and the LM head (an
-        early-exit copy of the model that shares its weights: a draft model for free)."""
+        early-exit copy of the model that shares its weights: a draft model for free).
+        `native`: run the layers as one C++ call (None: where it builds, unless TOKENRECYCLE_NATIVE=0;
+        False: the Python loop)."""
         config = model.config
         reason = fast_unsupported_reason(config)
         if reason:
@@ -156,6 +160,10 @@ class FastRunner(ModelRunner):
         )
         self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_length = 0
+        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        self._decoder, self.loop = None, "Python loop"
+        if native is not False and (native or native_wanted()):
+            self._decoder, self.loop = self._native_decoder(ACTIVATIONS.get(activation), gemma)
 
     @property
     def cache_length(self) -> int:
@@ -187,8 +195,15 @@ class FastRunner(ModelRunner):
         rope = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self._rope_tables.items()}
         masks = {window: self._mask(tree, start, window) for window in self._windows}
         x = self._embed(ids)
-        for index, layer in enumerate(self._layers):
-            x = self._layer(index, layer, x, start, rope[layer.rope], masks[layer.window])
+        if self._decoder is not None:
+            x = self._decoder.forward(
+                x, self._cache.keys, self._cache.values, start,
+                [rope[key][0] for key in self._rope_keys], [rope[key][1] for key in self._rope_keys],
+                *(list(parts) for parts in zip(*(masks[window] for window in self._windows))),
+            )  # fmt: skip
+        else:
+            for index, layer in enumerate(self._layers):
+                x = self._layer(index, layer, x, start, rope[layer.rope], masks[layer.window])
         logits = self._lm_head(self._norm(x))
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
@@ -224,6 +239,28 @@ class FastRunner(ModelRunner):
             query, keys, values, attn_mask=bias, is_causal=causal, scale=self._scale, enable_gqa=True
         )
         return layer.out(out[0].transpose(0, 1).reshape(n, -1).to(x.dtype))
+
+    def _native_decoder(self, activation: int | None, gemma: bool):
+        """The C++ decoder over these layers and how the runner runs them (or why not in C++)."""
+        if activation is None:
+            return None, "Python loop (the C++ loop knows only SiLU and tanh-GELU)"
+        module = native_module()
+        if isinstance(module, str):
+            return None, f"Python loop ({module})"
+        linears = [linear.native_parts() for layer in self._layers for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)]
+        norms = [
+            norm for layer in self._layers
+            for norm in (layer.attn_norm, layer.q_norm, layer.k_norm, layer.post_attn_norm, layer.mlp_norm, layer.post_mlp_norm)
+        ]  # fmt: skip
+        decoder = module.Decoder(
+            *(list(parts) for parts in zip(*linears)),
+            [None if norm is None else norm.weight for norm in norms],
+            [0.0 if norm is None else float(norm.eps) for norm in norms],
+            [self._windows.index(layer.window) for layer in self._layers],
+            [self._rope_keys.index(layer.rope) for layer in self._layers],
+            gemma, self._num_heads, self._num_kv_heads, self._head_dim, self._scale, activation,
+        )  # fmt: skip
+        return decoder, "C++ loop"
 
     def _mask(self, tree: DraftTree, start: int, window: int | None) -> tuple[int, torch.Tensor | None, bool]:
         """First visible cache slot, the additive mask over slots first..start+n-1 (None: no mask),

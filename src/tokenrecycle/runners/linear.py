@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidOptionError
+from .native import INT4, PLAIN, PREPACKED
 
 INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
 
@@ -45,6 +46,12 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
+    def native_parts(self) -> tuple:
+        """(weight, bias, int4 scales, kind) for the C++ decoder loop (native.py)."""
+        if self._packed is not None:
+            return self._packed, self.bias, None, PREPACKED
+        return self.weight, self.bias, None, PLAIN
+
 
 class Int4Linear:
     """Weight-only 4-bit: each group of 32 inputs of a row has a bfloat16 scale and zero, and
@@ -69,6 +76,9 @@ class Int4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self._packed, INT4_GROUP, self._scales_zeros)
         return y if self.bias is None else y + self.bias
+
+    def native_parts(self) -> tuple:
+        return self._packed, self.bias, self._scales_zeros, INT4
 
 
 def check_int4(weight: torch.Tensor) -> None:

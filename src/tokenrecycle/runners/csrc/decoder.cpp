@@ -1,0 +1,146 @@
+// The fast runner's decoder layers in one C++ call: the same ATen operations, in the same order,
+// as FastRunner's Python loop (fast.py), so the results are bit-identical; what goes is the Python
+// interpreter between the ~35 operations of each layer, a few ms of every step on a small model.
+
+#include <torch/extension.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace {
+
+enum LinearKind : int64_t { kPlain = 0, kPrepacked = 1, kInt4 = 2 };
+enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
+constexpr int64_t kInt4Group = 32;  // linear.py's INT4_GROUP
+
+struct Linear {
+  at::Tensor weight;                  // plain, oneDNN-prepacked or int4-packed
+  std::optional<at::Tensor> bias;
+  std::optional<at::Tensor> scales;  // int4: scales and zeros
+  int64_t kind;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (kind == kPrepacked) {
+      static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      torch::jit::Stack stack{x, weight, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), std::string("none"),
+                              c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+      op.callBoxed(&stack);
+      return stack[0].toTensor();
+    }
+    if (kind == kInt4) {
+      auto y = at::_weight_int4pack_mm_for_cpu(x, weight, kInt4Group, *scales);
+      return bias.has_value() ? y + *bias : y;
+    }
+    return at::linear(x, weight, bias);
+  }
+};
+
+// fast.py's RMSNorm: Llama scales after casting back, Gemma (weight stored as 1 + w, float32) before.
+struct Norm {
+  std::optional<at::Tensor> weight;
+  bool gemma;
+  double eps;
+
+  bool present() const { return weight.has_value(); }
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (gemma) return at::rms_norm(x.to(at::kFloat), {x.size(-1)}, weight, eps).to(x.scalar_type());
+    return *weight * at::rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps).to(x.scalar_type());
+  }
+};
+
+struct Layer {
+  Norm attn_norm, q_norm, k_norm, post_attn_norm, mlp_norm, post_mlp_norm;
+  Linear qkv, out, gate_up, down;
+  int64_t mask;  // which of the step's masks (one per sliding-window width)
+  int64_t rope;  // which rotary table
+};
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin) {
+  return x * cos + x.roll({x.size(-1) / 2}, {-1}) * signed_sin;
+}
+
+class Decoder {
+ public:
+  // Per layer, in order: 4 linears (qkv, out, gate_up, down), each as weight, bias, int4 scales and
+  // kind; 6 norms (attention, q, k, post-attention, MLP, post-MLP) as weight (None where absent)
+  // and epsilon; the layer's mask and rotary-table indices.
+  Decoder(std::vector<at::Tensor> weights, std::vector<std::optional<at::Tensor>> biases,
+          std::vector<std::optional<at::Tensor>> scales, std::vector<int64_t> kinds,
+          std::vector<std::optional<at::Tensor>> norms, std::vector<double> norm_eps, std::vector<int64_t> masks,
+          std::vector<int64_t> ropes, bool gemma, int64_t heads, int64_t kv_heads, int64_t head_dim, double scale,
+          int64_t activation)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scale_(scale), activation_(activation) {
+    TORCH_CHECK(weights.size() == 4 * masks.size() && norms.size() == 6 * masks.size() && norm_eps.size() == norms.size(),
+                "inconsistent layer lists");
+    auto linear = [&](size_t i) { return Linear{weights[i], biases[i], scales[i], kinds[i]}; };
+    auto norm = [&](size_t i) { return Norm{norms[i], gemma, norm_eps[i]}; };
+    for (size_t l = 0; l < masks.size(); ++l) {
+      layers_.push_back(Layer{norm(6 * l), norm(6 * l + 1), norm(6 * l + 2), norm(6 * l + 3), norm(6 * l + 4),
+                              norm(6 * l + 5), linear(4 * l), linear(4 * l + 1), linear(4 * l + 2),
+                              linear(4 * l + 3), masks[l], ropes[l]});
+    }
+  }
+
+  // x: (n, hidden) embeddings of the tree tokens at cache slots start..start+n-1. cos, sin: per
+  // rotary table, (n, 1, head_dim) rows for the tokens' positions. Per mask: the first visible
+  // slot, the additive mask (None: none) and whether plain causal attention does instead.
+  at::Tensor forward(at::Tensor x, at::Tensor keys, at::Tensor values, int64_t start, std::vector<at::Tensor> cos,
+                     std::vector<at::Tensor> sin, std::vector<int64_t> first_keys,
+                     std::vector<std::optional<at::Tensor>> masks, std::vector<bool> causal) const {
+    c10::InferenceMode guard;
+    for (size_t index = 0; index < layers_.size(); ++index) {
+      const Layer& layer = layers_[index];
+      auto h = attention(index, layer, layer.attn_norm(x), keys, values, start, cos[layer.rope], sin[layer.rope],
+                         first_keys[layer.mask], masks[layer.mask], causal[layer.mask]);
+      if (layer.post_attn_norm.present()) h = layer.post_attn_norm(h);
+      x = x + h;
+      auto gate_up = layer.gate_up(layer.mlp_norm(x)).chunk(2, -1);
+      auto act = activation_ == kSilu ? at::silu(gate_up[0]) : at::gelu(gate_up[0], "tanh");
+      h = layer.down(act * gate_up[1]);
+      if (layer.post_mlp_norm.present()) h = layer.post_mlp_norm(h);
+      x = x + h;
+    }
+    return x;
+  }
+
+ private:
+  at::Tensor attention(size_t index, const Layer& layer, const at::Tensor& x, at::Tensor& keys, at::Tensor& values,
+                       int64_t start, const at::Tensor& cos, const at::Tensor& sin, int64_t first_key,
+                       const std::optional<at::Tensor>& mask, bool causal) const {
+    const int64_t n = x.size(0);
+    auto qkv = layer.qkv(x).view({n, heads_ + 2 * kv_heads_, head_dim_});
+    at::Tensor q, k, v;
+    if (!layer.q_norm.present()) {  // rotate queries and keys together
+      auto parts = qkv.split_with_sizes({heads_ + kv_heads_, kv_heads_}, 1);
+      auto rotated = rotate(parts[0], cos, sin).split_with_sizes({heads_, kv_heads_}, 1);
+      q = rotated[0], k = rotated[1], v = parts[1];
+    } else {
+      auto parts = qkv.split_with_sizes({heads_, kv_heads_, kv_heads_}, 1);
+      q = rotate(layer.q_norm(parts[0]), cos, sin), k = rotate(layer.k_norm(parts[1]), cos, sin), v = parts[2];
+    }
+    auto layer_keys = keys.select(0, index), layer_values = values.select(0, index);
+    layer_keys.narrow(1, start, n).copy_(k.transpose(0, 1));
+    layer_values.narrow(1, start, n).copy_(v.transpose(0, 1));
+    auto query = q.transpose(0, 1).unsqueeze(0).to(keys.scalar_type());
+    auto visible = start + n - first_key;
+    auto out = at::scaled_dot_product_attention(query, layer_keys.narrow(1, first_key, visible).unsqueeze(0),
+                                                layer_values.narrow(1, first_key, visible).unsqueeze(0), mask, 0.0,
+                                                causal, scale_, true);
+    return layer.out(out[0].transpose(0, 1).reshape({n, -1}).to(x.scalar_type()));
+  }
+
+  std::vector<Layer> layers_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double scale_;
+  int64_t activation_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>,
+                          std::vector<std::optional<at::Tensor>>, std::vector<int64_t>,
+                          std::vector<std::optional<at::Tensor>>, std::vector<double>, std::vector<int64_t>,
+                          std::vector<int64_t>, bool, int64_t, int64_t, int64_t, double, int64_t>())
+      .def("forward", &Decoder::forward);
+}
