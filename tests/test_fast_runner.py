@@ -7,6 +7,8 @@ test_lossless_* files.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -279,3 +281,14 @@ def test_without_a_build_the_python_loop_runs_and_says_why(one_thread, monkeypat
     assert FastRunner(model).loop == "Python loop" and FastRunner(model, native=True).loop == "C++ loop"
     prompt = np.arange(1, 9)
     torch.testing.assert_close(runner.prefill(prompt), FastRunner(model).prefill(prompt), atol=0, rtol=0)
+
+
+def test_the_builder_finds_the_ninja_this_python_installed(monkeypatch):
+    import ninja
+
+    from tokenrecycle.runners.native import put_ninja_on_path
+
+    monkeypatch.setenv("PATH", "/nowhere")
+    put_ninja_on_path()
+    put_ninja_on_path()  # once is enough
+    assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]

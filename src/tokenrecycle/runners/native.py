@@ -24,12 +24,26 @@ def native_wanted() -> bool:
     return os.environ.get(SWITCH, "1") != "0"
 
 
+def put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the PyPI package (a dependency) keeps one beside
+    this Python, which is not on PATH when the venv is not activated."""
+    try:
+        import ninja
+    except ImportError:  # a system ninja may still be there
+        return
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, (ninja.BIN_DIR, path)))
+
+
 @functools.cache
 def native_module():
     """The compiled extension, or the reason it is unavailable (a string): built at most once per
     process, and by torch's builder at most once per machine and torch version."""
     try:
         from torch.utils.cpp_extension import load
+
+        put_ninja_on_path()
 
         return load("tokenrecycle_decoder", [str(SOURCE)], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python loop computes the same
