@@ -125,8 +125,7 @@ class OwnLoopMethod(Method):
         result = self.generator.generate(prompt_ids, max_new_tokens, plain=plain, drafter=self.drafter, sampling=self.sampling)
         details = None
         if isinstance(self.drafter, AutoDrafter):  # cumulative over the run so far
-            arms = [self.drafter.arm_name(arm) for arm in range(len(self.drafter.arms))]
-            details = {"credit": dict(self.drafter.credit), "plays": dict(zip(arms, self.drafter.plays))}
+            details = {"credit": dict(self.drafter.credit), "plays": dict(zip(self.drafter.arm_names, self.drafter.plays))}
             if self.drafter.adapt:
                 details["most played per evidence"] = self.drafter.favourites()
         return MethodRun(result.token_ids, result.seconds, result.accepted_lengths, details)
@@ -295,7 +294,7 @@ class MethodFactory:
         if retrieves:
             settings.update(datastore=self.datastore, datastore_tokens=store.tokens if store else 0)
         if isinstance(drafter, AutoDrafter):
-            settings["arms"] = [drafter.arm_name(arm) for arm in range(len(drafter.arms))]
+            settings["arms"] = drafter.arm_names
         return OwnLoopMethod(name, "plain", description, settings, generator=self.generator, drafter=drafter)
 
     def _hf_pld(self, name):

@@ -83,8 +83,7 @@ class AutoDrafter(Drafter):
         # Slow fading: the same evidence means a little less after a change of subject.
         self.bandit = bandit or ContextualBandit(len(self.arms), fading=0.998)
         self.credit = {name: 0 for name in drafters}  # accepted draft tokens each drafter had proposed
-        self.plays = [0] * len(self.arms)
-        self.plays_by_context: dict[tuple[int, ...], list[int]] = {}
+        self.plays_by_context: dict[tuple[int, ...], list[int]] = {}  # context -> plays of each arm
         self._arm, self._context = 0, ()
         self._origin: list[int] = []
         self._step_started: float | None = None
@@ -106,7 +105,6 @@ class AutoDrafter(Drafter):
         trees = {name: drafter.propose(root_token) for name, drafter in self.drafters.items()}
         self._context = tuple(drafter.evidence for drafter in self.drafters.values())
         self._arm = self.bandit.choose(self._context) if self.adapt else 0
-        self.plays[self._arm] += 1
         self.plays_by_context.setdefault(self._context, [0] * len(self.arms))[self._arm] += 1
         names, budget = self.arms[self._arm]
         tree, self._origin = merge_trees(root_token, [trees[name] for name in names], budget)
@@ -122,9 +120,14 @@ class AutoDrafter(Drafter):
                     self.credit[name] += 1
         self._decided = len(accepted)  # accepted drafts and the bonus token
 
-    def arm_name(self, arm: int) -> str:
-        names, budget = self.arms[arm]
-        return "+".join(names) + f"/{budget}"
+    @property
+    def plays(self) -> list[int]:
+        """How often each arm was played, over all contexts."""
+        return [sum(column) for column in zip(*self.plays_by_context.values())] or [0] * len(self.arms)
+
+    @property
+    def arm_names(self) -> list[str]:
+        return ["+".join(names) + f"/{budget}" for names, budget in self.arms]
 
     def favourites(self) -> dict[str, str]:
         """Per context seen (each drafter's evidence), the arm played most there and its share."""
@@ -132,7 +135,7 @@ class AutoDrafter(Drafter):
         for context, plays in sorted(self.plays_by_context.items()):
             label = " ".join(f"{name}={evidence}" for name, evidence in zip(self.drafters, context))
             best = int(np.argmax(plays))
-            found[label] = f"{self.arm_name(best)} {plays[best]}/{sum(plays)}"
+            found[label] = f"{self.arm_names[best]} {plays[best]}/{sum(plays)}"
         return found
 
     @property
