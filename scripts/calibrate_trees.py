@@ -15,7 +15,7 @@ import json
 from collections import Counter
 
 from tokenrecycle import Generator
-from tokenrecycle.tree_search import expected_tokens
+from tokenrecycle.trees.design import expected_tokens
 from tokenrecycle.trees import best_template, rank_budget_template
 from tokenrecycle.tuning import calibration_prompts, count_acceptance
 

@@ -6,9 +6,9 @@ import pytest
 from fakes import CharTokenizer, ScriptedRunner, as_array, cycle_model, sequential_greedy
 from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.drafters import TokenRecyclingDrafter
-from tokenrecycle.templates import TEMPLATES
+from tokenrecycle.trees.templates import TEMPLATES
 from tokenrecycle.text import OutputAssembler
-from tokenrecycle.tree_choice import resolve_tree
+from tokenrecycle.trees.choice import resolve_tree
 
 V = 16
 

@@ -13,9 +13,9 @@ import torch
 
 from tokenrecycle.decoding import speculative_decode
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
-from tokenrecycle.tree_choice import resolve_tree
+from tokenrecycle.trees.choice import resolve_tree
 from tokenrecycle.runners import FastRunner, HFRunner
-from tokenrecycle.templates import TEMPLATES
+from tokenrecycle.trees.templates import TEMPLATES
 from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
 
 TOPK = 8

@@ -17,7 +17,7 @@ from tokenrecycle.errors import UnsupportedModelError
 from tokenrecycle.runners import FastRunner, HFRunner
 from tokenrecycle.runners.hf import MASK_STYLE
 from tokenrecycle.trees import tree_visibility
-from tokenrecycle.templates import TEMPLATES
+from tokenrecycle.trees.templates import TEMPLATES
 from tokenrecycle.trees import compile_template, prune
 from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
 

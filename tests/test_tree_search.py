@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrecycle.tree_search import choose_tree, expected_tokens, plans_by_size, step_cost
+from tokenrecycle.trees.design import choose_tree, expected_tokens, plans_by_size, step_cost
 from tokenrecycle.trees import compile_template, rank_budget_template
 
 TOPK = 8

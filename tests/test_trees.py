@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tokenrecycle.errors import InvalidTemplateError
-from tokenrecycle.templates import TEMPLATES
+from tokenrecycle.trees.templates import TEMPLATES
 from tokenrecycle.trees import best_template, compile_template, grow_template, limit_depth, prune, validate_template
 
 #        root(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from tokenrecycle.templates import TEMPLATES
+from tokenrecycle.trees.templates import TEMPLATES
 from tokenrecycle.trees import compile_template
 
 VOCAB = 256

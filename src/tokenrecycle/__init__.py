@@ -14,7 +14,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generator import Generation, GenerationResult, Generator
-from .templates import TEMPLATES
+from .trees.templates import TEMPLATES
 
 __version__ = version("tokenrecycle")
 

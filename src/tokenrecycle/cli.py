@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import InvalidOptionError, TokenRecycleError
 from .models import DEFAULT_MODEL, DTYPES
 from .runners import RUNNERS
-from .templates import TEMPLATES
+from .trees.templates import TEMPLATES
 
 EXIT_BAD_INPUT = 2
 

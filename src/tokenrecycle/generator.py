@@ -23,7 +23,7 @@ from .models import DEFAULT_MODEL, DTYPES, LoadedModel, load_model
 from .runners import RUNNERS, FastRunner, make_runner
 from .sampling import Sampling
 from .text import OutputAssembler
-from .tree_choice import ADAPTIVE, AUTO, TUNED, TreeChoice, default_tree, resolve_tree
+from .trees.choice import ADAPTIVE, AUTO, TUNED, TreeChoice, default_tree, resolve_tree
 from .trees import compile_template
 from .verify import SamplingVerifier
 from . import tuning

@@ -27,7 +27,7 @@ from .cost import forward_costs
 from .decoding import speculative_decode
 from .hardware import cpu_model
 from .models import cache_root
-from .tree_search import TreePlan, choose_tree
+from .trees.design import TreePlan, choose_tree
 from .trees import RankPath, offered_nodes, rank_budget_template
 
 PROFILE_VERSION = 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..tree_search import TreePlan, expected_tokens, plans_by_size, step_cost
+from ..trees.design import TreePlan, expected_tokens, plans_by_size, step_cost
 from ..tuning import MAX_TREE_NODES, mean_cost, parse_path
 
 OVERALL = "overall"

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..tree_search import choose_tree
+from ..trees.design import choose_tree
 from ..trees import DraftTree, RankPath, compile_template, offered_nodes
 from .recycling import TokenRecyclingDrafter
 

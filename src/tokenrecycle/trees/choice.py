@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InvalidTemplateError
+from ..errors import InvalidTemplateError
 from .templates import TEMPLATES
-from .trees import CompiledTree, compile_template, rank_budget_template
+from .design import rank_budget_template
+from .structure import CompiledTree, compile_template
 
 AUTO = "auto"  # the tree tuned for this machine (tokenrecycle tune), else the static default below
 ADAPTIVE = "adaptive"  # starts from the tuned tree and follows each request's acceptance

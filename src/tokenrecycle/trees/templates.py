@@ -13,7 +13,7 @@ runner).
   per-depth counts of the official Token Recycling tree (8/21/25/15/8/3, 80 nodes, depth 6).
 """
 
-from .trees import RankPath
+from .structure import RankPath
 
 TEMPLATES: dict[str, list[RankPath]] = {
     "none": [],

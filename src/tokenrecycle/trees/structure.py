@@ -9,14 +9,13 @@ token already decided; its logits predict depth 1.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .errors import InvalidTemplateError
+from ..errors import InvalidTemplateError
 
 RankPath = tuple[int, ...]
 
@@ -220,56 +219,6 @@ def limit_depth(tree: DraftTree, max_depth: int) -> DraftTree:
     if tree.max_depth <= max_depth:
         return tree
     return prune(tree, tree.tokens, tree.depths <= max_depth)
-
-
-def grow_template(rank_accept: Sequence[float], nodes_per_depth: Sequence[int]) -> list[RankPath]:
-    """Build a template level by level, keeping at each depth the children most likely accepted.
-
-    rank_accept[r] is an assumed probability that a rank-r candidate is the one accepted; a path's
-    value is the product over its ranks. Used to generate the shipped templates (see templates.py).
-    """
-    chosen: list[tuple[float, RankPath]] = [(1.0, ())]
-    template: list[RankPath] = []
-    for quota in nodes_per_depth:
-        candidates = [
-            (-value * p, path + (rank,)) for value, path in chosen for rank, p in enumerate(rank_accept)
-        ]
-        best = heapq.nsmallest(quota, candidates)
-        chosen = [(-neg, path) for neg, path in best]
-        template.extend(path for _, path in chosen)
-    return template
-
-
-def rank_budget_template(max_depth: int, rank_budget: int, topk: int) -> list[RankPath]:
-    """Every path of up to max_depth whose ranks sum to at most rank_budget, plus every rank at
-    depths 1 and 2 (after rank 0): a wide, deep superset to choose dynamic trees from."""
-    paths = {(r,) for r in range(topk)} | {(r, 0) for r in range(topk)}
-    frontier: list[RankPath] = [()]
-    for _ in range(max_depth):
-        frontier = [p + (r,) for p in frontier for r in range(min(rank_budget, topk - 1) + 1) if sum(p) + r <= rank_budget]
-        paths.update(frontier)
-    return sorted(paths, key=lambda p: (len(p), p))
-
-
-def best_template(accept_rate: dict[RankPath, float], num_nodes: int) -> list[RankPath]:
-    """The num_nodes paths with the highest chance of being accepted (pure).
-
-    accept_rate[path] is how often the node at `path` was accepted when its parent was; a path's
-    chance is the product of the rates along it, so expanding best-first from the root keeps the
-    result prefix-closed. Paths with no rate are never chosen.
-    """
-    children: dict[RankPath, list[RankPath]] = {}
-    for path in accept_rate:
-        children.setdefault(path[:-1], []).append(path)
-    frontier = [(-accept_rate[path], path) for path in children.get((), [])]
-    heapq.heapify(frontier)
-    chosen: list[RankPath] = []
-    while frontier and len(chosen) < num_nodes:
-        neg_value, path = heapq.heappop(frontier)
-        chosen.append(path)
-        for child in children.get(path, []):
-            heapq.heappush(frontier, (neg_value * accept_rate[child], child))
-    return chosen
 
 
 def _level_bounds(depths: np.ndarray) -> tuple[tuple[int, int], ...]:
