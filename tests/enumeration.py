@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 
 
 class Branch(Exception):
@@ -46,7 +46,7 @@ def output_distribution(make_runner, make_drafter, make_verifier, prompt: np.nda
         draws = ReplayedDraws(script)
         try:
             out = []
-            for step in speculative_decode(make_runner(), make_drafter(), prompt, tokens, make_verifier(draws)):
+            for step in decode_alone(make_runner(), make_drafter(), prompt, tokens, make_verifier(draws)):
                 out += step.tokens
             distribution[tuple(out[:tokens])] += draws.probability
         except Branch as branch:

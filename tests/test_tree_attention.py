@@ -19,6 +19,7 @@ from tokenrecycle.runners.hf import MASK_STYLE
 from tokenrecycle.trees import tree_visibility
 from tokenrecycle.trees.templates import TEMPLATES
 from tokenrecycle.trees import compile_template, prune
+from fakes import OneSequence
 from tiny_models import VOCAB, build, one_thread, small_window_configs, tiny_configs, trimmed  # noqa: F401
 
 ATOL = 1e-4
@@ -96,7 +97,7 @@ def assert_close(actual, expected, what):
 def test_tree_logits_match_plain_forward(model, runner_cls, template, topk, prompt_len):
     rng = np.random.default_rng(prompt_len * 100 + topk)
     prompt = rng.integers(0, VOCAB, size=prompt_len)
-    runner = runner_cls(model)
+    runner = OneSequence(runner_cls(model))
     prefill_logits = runner.prefill(prompt)
     assert prefill_logits.shape == (prompt_len, VOCAB)
     assert prefill_logits.dtype == torch.float32
@@ -119,7 +120,7 @@ def test_tree_with_repeated_tokens_and_root_only(model, runner_cls):
     compiled = trimmed("tr32", 8)
     tokens = rng.integers(0, 3, size=len(compiled.paths))  # only 3 distinct tokens
     tree = prune(compiled, tokens, np.ones(len(tokens), dtype=bool))
-    runner = runner_cls(model)
+    runner = OneSequence(runner_cls(model))
     runner.prefill(prompt)
     assert_close(runner.forward_tree(tree), reference_node_logits(model, prompt, tree), "repeated tokens")
 
@@ -137,7 +138,7 @@ def test_tree_with_repeated_tokens_and_root_only(model, runner_cls):
 
 def _run_steps(runner_cls, model, prompt, templates, rng, choose):
     """Prefill, then for each template: forward a random tree, check it, commit choose(tree)'s path."""
-    runner = runner_cls(model)
+    runner = OneSequence(runner_cls(model))
     runner.prefill(prompt)
     history = list(prompt)
     for step, compiled in enumerate(templates):
@@ -248,7 +249,7 @@ def test_tree_shallower_than_window_edge(family, runner_cls):
     model = build(small_window_configs(7)[family])
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, VOCAB, size=15)
-    runner = runner_cls(model)
+    runner = OneSequence(runner_cls(model))
     runner.prefill(prompt)
     tree = random_tree(trimmed("tr80", 8), rng)
     assert_close(runner.forward_tree(tree), reference_node_logits(model, prompt, tree), "window 7")
@@ -261,7 +262,7 @@ def test_tree_deeper_than_window_matches_plain_forward(family, window, runner_cl
     model = build(small_window_configs(window)[family])
     rng = np.random.default_rng(window)
     prompt = rng.integers(0, VOCAB, size=15)
-    runner = runner_cls(model)
+    runner = OneSequence(runner_cls(model))
     runner.prefill(prompt)
     tree = random_tree(trimmed("tr80", 8), rng)
     assert_close(runner.forward_tree(tree), reference_node_logits(model, prompt, tree), f"window {window}")

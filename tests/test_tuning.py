@@ -13,7 +13,7 @@ from tokenrecycle.cli import main
 from tokenrecycle.drafters import AdaptiveTreeDrafter
 
 from tokenrecycle.trees import compile_template
-from tokenrecycle.tuning import load_profile, profile_key, profile_path
+from tokenrecycle.tuning import ProfileKey, load_profile, read_profile
 
 from tiny_models import one_thread, save_tiny_llama, smollm2_tokenizer  # noqa: F401  (tiny models: one thread is fastest)
 
@@ -37,29 +37,29 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(tiny_model, cache):
     generator = Generator(tiny_model, dtype="float32")
-    assert generator.tree_name == "tr4" and "no tuning profile" in generator.tree_reason
+    assert generator.engine.tree.name == "tr4" and "no tuning profile" in generator.engine.tree.reason
     profile = generator.tune(seconds=3)
     return generator, profile
 
 
 def test_tuning_saves_a_readable_profile_and_uses_its_tree(tuned):
     generator, profile = tuned
-    path = profile_path(profile.key)
+    path = ProfileKey(**profile.key).path
     data = json.loads(path.read_text())
     assert set(data) >= {"key", "chosen_tree", "cost_ms", "acceptance"}
-    assert data["key"]["dtype"] == "float32" and data["key"]["runner"] == "FastRunner"
+    assert data["key"]["dtype"] == "float32" and data["key"]["runner"] == "fast"
     assert set(data["cost_ms"]) == {"256", "1024"}
     assert data["acceptance"] and all(0 <= v["rate"] <= 1 and v["visits"] >= 10 for v in data["acceptance"].values())
-    assert generator.tree_name == "auto" and "tuned on this machine" in generator.tree_reason
-    assert set(generator.template.paths[1:]) == set(profile.plan.paths)
+    assert generator.engine.tree.name == "auto" and "tuned on this machine" in generator.engine.tree.reason
+    assert set(generator.engine.tree.template.paths[1:]) == set(profile.plan.paths)
     compile_template(list(profile.plan.paths), 8)  # a valid template
 
 
 def test_a_new_generator_finds_the_profile(tuned, tiny_model):
     _, profile = tuned
     again = Generator(tiny_model, dtype="float32")
-    assert again.tree_name == "auto"
-    assert load_profile(again).plan == profile.plan
+    assert again.engine.tree.name == "auto"
+    assert load_profile(again.engine.profile_key).plan == profile.plan
 
 
 def test_profiles_are_invalidated_by_what_they_depend_on(tuned, tiny_model, monkeypatch):
@@ -67,16 +67,20 @@ def test_profiles_are_invalidated_by_what_they_depend_on(tuned, tiny_model, monk
     threads = torch.get_num_threads()
     with monkeypatch.context() as patch:
         patch.setattr(torch, "get_num_threads", lambda: threads + 1)
-        assert profile_key(generator) != profile.key and load_profile(generator) is None
-    assert Generator(tiny_model, dtype="float32", runner="hf").tree_name == "tr4"  # another runner: not tuned
-    path = profile_path(profile.key)
+        other = ProfileKey.of(generator.engine.loaded.path, generator.runner, "float32", None, 8)
+        assert other.to_json() != profile.key and load_profile(other) is None
+    assert Generator(tiny_model, dtype="float32", runner="hf").engine.tree.name == "tr4"  # another runner: not tuned
+    key = generator.engine.profile_key
+    path = key.path
     saved = path.read_text()
-    path.write_text(saved[:-20])  # damaged: ignored, tuned again when asked
-    assert load_profile(generator) is None
+    path.write_text(saved[:-20])  # damaged: the static tree, and a line that says why
+    assert load_profile(key) is None and "cannot be read" in read_profile(key)[1]
+    damaged = Generator(tiny_model, dtype="float32")
+    assert damaged.engine.tree.name == "tr4" and "cannot be read" in damaged.engine.tree.reason
     stale = json.loads(saved)
     stale["key"]["version"] = 0
     path.write_text(json.dumps(stale))
-    assert load_profile(generator) is None
+    assert load_profile(key) is None
     path.write_text(saved)  # the other tests use it
 
 
@@ -84,7 +88,7 @@ def test_auto_tree_is_lossless(tuned):
     generator, _ = tuned
     for prompt in PROMPTS:
         ours = generator.generate(prompt, max_new_tokens=24)
-        assert ours.token_ids == generator.generate_plain(prompt, max_new_tokens=24).token_ids
+        assert ours.token_ids == generator.generate_with_transformers(prompt, max_new_tokens=24).token_ids
 
 
 def test_cli_tune_and_show(tiny_model, cache, capsys):
@@ -110,13 +114,14 @@ def test_cli_generate_tunes_on_first_use_unless_told_not_to(tiny_model, cache, c
 def test_adaptive_tree_starts_from_the_profile_and_is_lossless(tuned, tiny_model):
     _, profile = tuned
     generator = Generator(tiny_model, dtype="float32", tree="adaptive")
-    assert generator.tree_name == "adaptive" and isinstance(generator.drafter, AdaptiveTreeDrafter)
-    assert set(generator.drafter.template.paths[1:]) == set(profile.plan.paths)
-    assert generator.new_drafter(tree=[]).template.num_nodes == 0  # an empty tree stays empty
-    assert isinstance(generator.new_drafter(), AdaptiveTreeDrafter)
+    engine = generator.engine
+    assert engine.tree.name == "adaptive" and isinstance(engine.recycling, AdaptiveTreeDrafter)
+    assert set(engine.recycling.template.paths[1:]) == set(profile.plan.paths)
+    assert engine.recycling_drafter(tree=[]).template.num_nodes == 0  # an empty tree stays empty
+    assert isinstance(engine.recycling_drafter(), AdaptiveTreeDrafter)
     for prompt in PROMPTS:
         ours = generator.generate(prompt, max_new_tokens=24)
-        assert ours.token_ids == generator.generate_plain(prompt, max_new_tokens=24).token_ids
+        assert ours.token_ids == generator.generate_with_transformers(prompt, max_new_tokens=24).token_ids
 
 
 def test_bench_compares_the_profiles_predictions_with_measurements(tuned, tiny_model, tmp_path):

@@ -6,6 +6,7 @@ from .errors import (
     CorruptModelError,
     CorruptTableError,
     EmptyPromptError,
+    EngineBusyError,
     InvalidOptionError,
     InvalidTemplateError,
     ModelNotFoundError,
@@ -13,14 +14,21 @@ from .errors import (
     TokenRecycleError,
     UnsupportedModelError,
 )
-from .generator import Generation, GenerationResult, Generator
+from .engine import Engine, Setup
+from .generator import Generator, TextStream
+from .request import GenerationResult, Request, RequestSettings, RequestState
 from .trees.templates import TEMPLATES
 
 __version__ = version("tokenrecycle")
 
 __all__ = [
+    "Engine",
+    "Setup",
+    "Request",
+    "RequestSettings",
+    "RequestState",
     "Generator",
-    "Generation",
+    "TextStream",
     "GenerationResult",
     "TEMPLATES",
     "TokenRecycleError",
@@ -32,4 +40,5 @@ __all__ = [
     "CorruptModelError",
     "UnsupportedModelError",
     "CorruptTableError",
+    "EngineBusyError",
 ]

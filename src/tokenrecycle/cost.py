@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import ExitStack
 
 import numpy as np
 
@@ -26,16 +27,18 @@ def forward_costs(
     prompt = rng.integers(0, vocab, size=context)
     trees = {n: chain_tree(rng.integers(0, vocab, size=n)) for n in sizes}
     passes = (repeats + 1) * len(sizes)
-    for runner in runners.values():
-        runner.prefill(prompt, reserve=passes + 8)
-    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in runners}
-    for round_index in range(repeats + 1):
-        for n in sizes:
-            for name, runner in runners.items():
-                start = time.perf_counter()
-                runner.forward_tree(trees[n])
-                elapsed = time.perf_counter() - start
-                runner.commit(np.array([0]))  # keep the root only: the context stays (almost) fixed
-                if round_index > 0:
-                    times[name][n].append(elapsed)
+    with ExitStack() as slots:
+        slot = {name: slots.enter_context(runner.borrowed_slot()) for name, runner in runners.items()}
+        for name, runner in runners.items():
+            runner.prefill(slot[name], prompt, reserve=passes + 8)
+        times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in runners}
+        for round_index in range(repeats + 1):
+            for n in sizes:
+                for name, runner in runners.items():
+                    start = time.perf_counter()
+                    runner.forward_tree(slot[name], trees[n])
+                    elapsed = time.perf_counter() - start
+                    runner.commit(slot[name], np.array([0]))  # keep the root only: the context stays (almost) fixed
+                    if round_index > 0:
+                        times[name][n].append(elapsed)
     return {name: {n: statistics.median(per_size[n]) * 1e3 for n in sizes} for name, per_size in times.items()}

@@ -1,4 +1,9 @@
-"""The decoding loop: propose, verify, observe, commit. One step yields the tokens it decided."""
+"""The decoding loop of one sequence: propose, verify, observe, commit. Each step decides tokens.
+
+`DecodingLoop` holds one request's loop state on one runner slot and exposes the step in its
+parts (`next_tree`, then the forward pass, then `decide`), so an engine can run the forward passes
+of several loops its own way; `step` does all three for one loop.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from .drafters import Drafter
 from .runners import ModelRunner
@@ -13,6 +19,7 @@ from .trees import DraftTree, limit_depth
 from .verify import GreedyVerifier, SamplingVerifier
 
 GREEDY = GreedyVerifier()
+Verifier = GreedyVerifier | SamplingVerifier
 
 
 @dataclass
@@ -24,33 +31,74 @@ class Step:
     accepted: np.ndarray | None = None
 
 
+class DecodingLoop:
+    """One sequence decoded on one runner slot: exactly plain greedy decoding's tokens, or under a
+    sampling verifier a sample of exactly plain sampling's distribution.
+
+    The first step (one token) is the prefill; each later one holds the accepted draft tokens plus
+    the bonus token. The total never exceeds max_new_tokens: trees are cut to the depth that could
+    still be used. The caller stops early (EOS, stop strings) by simply not stepping again.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        slot: int,
+        drafter: Drafter,
+        prompt_ids: np.ndarray,
+        max_new_tokens: int,
+        verifier: Verifier = GREEDY,
+    ):
+        self.runner, self.slot, self.drafter, self.verifier = runner, slot, drafter, verifier
+        self.prompt_ids = prompt_ids
+        self.max_new_tokens = max_new_tokens
+        self.produced = 0
+        self._token: int | None = None  # the last decided token: the next tree's root
+
+    @property
+    def done(self) -> bool:
+        return self.produced >= self.max_new_tokens
+
+    def prefill(self) -> Step:
+        self.drafter.prepare(self.verifier.sampling, self.verifier.draws)
+        logits = self.runner.prefill(self.slot, self.prompt_ids, reserve=self.max_new_tokens)
+        self.drafter.start(self.prompt_ids, logits)
+        self._token = self.verifier.first_token(logits[-1])
+        self.produced = 1
+        return Step([self._token])
+
+    def next_tree(self) -> DraftTree:
+        """The drafter's tree from the last decided token, cut to the depth that can still be used."""
+        room = self.runner.max_context - self.runner.cache_length(self.slot)
+        depth_room = min(self.max_new_tokens - self.produced, room) - 1
+        return limit_depth(self.drafter.propose(self._token), depth_room)
+
+    def decide(self, tree: DraftTree, logits: torch.Tensor) -> Step:
+        """Verify the tree against its logits, let the drafter learn, keep the accepted path."""
+        accepted, self._token = self.verifier.verify(tree, logits)
+        self.drafter.observe(tree, logits, accepted)
+        self.runner.commit(self.slot, accepted)
+        step = Step(tree.tokens[accepted[1:]].tolist() + [self._token], tree, accepted)
+        self.produced += len(step.tokens)
+        return step
+
+    def step(self) -> Step:
+        """The next forward pass of this sequence alone: the prefill first, then one tree."""
+        if self._token is None:
+            return self.prefill()
+        tree = self.next_tree()
+        return self.decide(tree, self.runner.forward_tree(self.slot, tree))
+
+
 def speculative_decode(
     runner: ModelRunner,
+    slot: int,
     drafter: Drafter,
     prompt_ids: np.ndarray,
     max_new_tokens: int,
-    verifier: GreedyVerifier | SamplingVerifier = GREEDY,
+    verifier: Verifier = GREEDY,
 ) -> Iterator[Step]:
-    """Yield the tokens decided at each forward pass: exactly plain greedy decoding's, or under a
-    sampling verifier a sample of exactly plain sampling's distribution.
-
-    The first yield (one token) comes from the prefill; each later one holds the accepted draft
-    tokens plus the bonus token. The total never exceeds max_new_tokens: trees are cut to the
-    depth that could still be used. The caller stops early (EOS, stop strings) by closing it.
-    """
-    drafter.prepare(verifier)
-    logits = runner.prefill(prompt_ids, reserve=max_new_tokens)
-    drafter.start(prompt_ids, logits)
-    token = verifier.first_token(logits[-1])
-    yield Step([token])
-    produced = 1
-    while produced < max_new_tokens:
-        depth_room = min(max_new_tokens - produced, runner.max_context - runner.cache_length) - 1
-        tree = limit_depth(drafter.propose(token), depth_room)
-        logits = runner.forward_tree(tree)
-        accepted, token = verifier.verify(tree, logits)
-        drafter.observe(tree, logits, accepted)
-        runner.commit(accepted)
-        step = Step(tree.tokens[accepted[1:]].tolist() + [token], tree, accepted)
-        produced += len(step.tokens)
-        yield step
+    """Yield the steps of one sequence on a slot the caller holds (see DecodingLoop)."""
+    loop = DecodingLoop(runner, slot, drafter, prompt_ids, max_new_tokens, verifier)
+    while not loop.done:
+        yield loop.step()

@@ -35,3 +35,19 @@ class UnsupportedModelError(TokenRecycleError):
 
 class CorruptTableError(TokenRecycleError):
     """A saved Token Recycling table cannot be read or does not fit this model."""
+
+
+class CorruptResultsError(TokenRecycleError):
+    """A bench results file cannot be read: damaged, not bench results, or of another format version."""
+
+
+class NoFreeSlotError(TokenRecycleError):
+    """Every KV-cache slot of the runner is held by a running request."""
+
+
+class EngineBusyError(TokenRecycleError):
+    """The engine's slots are busy and its queue of waiting requests is full: try again later."""
+
+
+class RequestCancelledError(TokenRecycleError):
+    """The request was cancelled before it finished."""

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidOptionError
+
 # CPU flags (as Linux names them) that give fast bfloat16 matrix products.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -72,3 +74,15 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "versions": versions,
     }
+
+
+def choose_dtype(asked: str) -> DtypeChoice:
+    """The dtype for a setting of auto, float32 or bfloat16, with the reason."""
+    from .models import DTYPES  # models loads transformers: not needed for the CPU checks above
+
+    if asked == "auto":
+        picked = auto_dtype()
+        return DtypeChoice(picked.dtype, f"auto: {picked.reason}")
+    if asked not in DTYPES:
+        raise InvalidOptionError(f"dtype must be auto or one of {', '.join(DTYPES)}, got '{asked}'")
+    return DtypeChoice(asked, f"asked for {asked}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .errors import InvalidOptionError
+
 
 class OutputAssembler:
     """Takes tokens as the loop decides them; says when to stop and what text is safe to show.
@@ -16,7 +18,11 @@ class OutputAssembler:
     def __init__(self, tokenizer, eos_ids: set[int], stop_strings: Sequence[str], max_new_tokens: int):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.stop_strings = [s for s in stop_strings if s]
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if any(not isinstance(stop, str) or not stop for stop in stop_strings):
+            raise InvalidOptionError("a stop string must be a non-empty string")
+        self.stop_strings = list(stop_strings)
         self.max_new_tokens = max_new_tokens
         self.tokens: list[int] = []
         self.text = ""

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -26,9 +24,11 @@ import torch
 from .cost import forward_costs
 from .decoding import speculative_decode
 from .hardware import cpu_model
+from .files import atomic_write
 from .models import cache_root
+from .runners import ModelRunner
 from .trees.design import TreePlan, choose_tree
-from .trees import RankPath, offered_nodes, rank_budget_template
+from .trees import RankPath, offered_nodes, rank_budget_template, trim_to_topk
 
 PROFILE_VERSION = 1
 COST_CONTEXTS = (256, 1024)
@@ -39,6 +39,9 @@ CALIBRATION_TOKENS = 96
 MIN_VISITS = 10  # a rate from fewer visits is noise; such paths are not chosen
 MIN_PROMPTS = 3  # calibrated in full whatever the time budget, so every profile has rates
 DEFAULT_SECONDS = 60.0
+
+if TYPE_CHECKING:  # the engine calls tuning; tuning only reads the engine
+    from .engine import Engine
 
 Progress = Callable[[float, str], None]  # (fraction done, what is happening)
 
@@ -106,69 +109,84 @@ def mean_cost(cost_ms: dict[int, dict[int, float]]) -> dict[int, float]:
 
 
 # ---- where profiles live ---------------------------------------------------------------------
-def profile_key(generator) -> dict:
-    """Everything the best tree depends on."""
-    path = Path(generator.loaded.path)
-    stat = path.stat()
-    return {
-        "version": PROFILE_VERSION,
-        "model": str(path.resolve()),
-        "model_file": f"{stat.st_size}:{stat.st_mtime_ns}",
-        "dtype": generator.dtype,
-        "runner": generator.runner_name,
-        "loop": getattr(generator.runner, "loop", None),  # the C++ loop makes each step cheaper
-        "quantize": generator.quantize,
-        "topk": generator.topk,
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+@dataclass(frozen=True)
+class ProfileKey:
+    """Everything the best tree depends on. The model is named, not located: a profile says
+    nothing about the machine's folders, and its file's size and time tell a changed file apart."""
+
+    model: str
+    model_file: str
+    dtype: str
+    runner: str
+    loop: str  # the C++ loop makes each step cheaper
+    quantize: str | None
+    topk: int
+    cpu: str
+    threads: int
+    torch: str
+    version: int = PROFILE_VERSION
+
+    @classmethod
+    def of(cls, model_path: Path, runner: ModelRunner, dtype: str, quantize: str | None, topk: int) -> ProfileKey:
+        stat = Path(model_path).stat()
+        return cls(
+            model=Path(model_path).name, model_file=f"{stat.st_size}:{stat.st_mtime_ns}", dtype=dtype,
+            runner=runner.kind.value, loop=runner.loop.value, quantize=quantize, topk=topk,
+            cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+        )  # fmt: skip
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def path(self) -> Path:
+        digest = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+        return cache_root() / "profiles" / f"{Path(self.model).stem}-{self.dtype}-{self.runner}-{digest}.json"
 
 
-def profile_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{Path(key['model']).stem}-{key['dtype']}-{key['runner']}-{digest}.json"
-    return cache_root() / "profiles" / name
-
-
-def load_profile(generator) -> Profile | None:
-    """This machine's profile for the generator's setup; None if there is none or it is unusable
-    (another key, an older format, a damaged file): then it is simply tuned again."""
-    key = profile_key(generator)
-    path = profile_path(key)
+def read_profile(key: ProfileKey) -> tuple[Profile | None, str | None]:
+    """This machine's profile for the key, or None and, when a file is there but cannot be used
+    (damaged, another format), why: the caller keeps the static tree and says so."""
+    path = key.path
     try:
         data = json.loads(path.read_text())
         profile = Profile.from_json(data)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return profile if profile.key == key else None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"the tuning profile {path.name} cannot be read ({type(exc).__name__}); run tokenrecycle tune to replace it"
+    if profile.key != key.to_json():
+        return None, f"the tuning profile {path.name} was made for another setup; run tokenrecycle tune to replace it"
+    return profile, None
+
+
+def load_profile(key: ProfileKey) -> Profile | None:
+    return read_profile(key)[0]
 
 
 def save_profile(profile: Profile) -> Path:
-    path = profile_path(profile.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, suffix=".partial")
-    with os.fdopen(handle, "w") as f:
+    path = ProfileKey(**profile.key).path
+    with atomic_write(path, "w") as f:
         json.dump(profile.to_json(), f, indent=1)
-    os.replace(staging, path)  # whole or not at all
     return path
 
 
 # ---- measuring -----------------------------------------------------------------------------
-def tune(generator, seconds: float = DEFAULT_SECONDS, progress: Progress | None = None) -> Profile:
-    """Measure the cost curve and the acceptance rates within about `seconds`, choose, save."""
+def tune(engine: Engine, seconds: float = DEFAULT_SECONDS, progress: Progress | None = None) -> Profile:
+    """Measure the cost curve and the acceptance rates of the engine's setup within about
+    `seconds`, choose, save under the engine's profile key."""
     report = progress or (lambda fraction, text: None)
     start = time.perf_counter()
     cost = {}
     for index, context in enumerate(COST_CONTEXTS):
         report(index * 0.15, f"forward cost at {context} cached tokens")
-        cost[context] = forward_costs({"runner": generator.runner}, COST_SIZES, context, repeats=5)["runner"]
+        cost[context] = forward_costs({"runner": engine.runner}, COST_SIZES, context, repeats=5)["runner"]
     remaining = max(seconds - (time.perf_counter() - start), seconds * 0.3)
-    visits, hits = calibrate(generator, remaining, lambda f, t: report(0.3 + 0.7 * f, t))
+    visits, hits = calibrate(engine, remaining, lambda f, t: report(0.3 + 0.7 * f, t))
     rates = {p: hits[p] / visits[p] for p in visits if visits[p] >= MIN_VISITS}
     plan = choose_tree(rates, mean_cost(cost), max_nodes=MAX_TREE_NODES)
     profile = Profile(
-        profile_key(generator), cost, rates, {p: visits[p] for p in rates}, plan,
+        engine.profile_key.to_json(), cost, rates, {p: visits[p] for p in rates}, plan,
         time.perf_counter() - start, time.strftime("%Y-%m-%d %H:%M:%S"),
     )  # fmt: skip
     save_profile(profile)
@@ -181,41 +199,39 @@ def calibration_prompts() -> list[str]:
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-def calibrate(generator, seconds: float, progress: Progress) -> tuple[dict, dict]:
+def calibrate(engine: Engine, seconds: float, progress: Progress) -> tuple[dict, dict]:
     """Decode the shipped prompts with the wide calibration tree for about `seconds`, counting per
     rank path how often its node was offered with its parent accepted (visits) and was accepted
     itself (hits). The table is warmed first, as in use (hot start)."""
-    tree = [path for path in CALIBRATION_TREE if max(path) < generator.topk]  # prefix-closed still
-    drafter = generator.new_drafter(hot_start=True, tree=tree)
+    drafter = engine.recycling_drafter(trim_to_topk(CALIBRATION_TREE, engine.topk))
     prompts = calibration_prompts()
     for prompt in prompts[:2]:
-        count_acceptance(generator, drafter, prompt, 24, {}, {})
+        count_acceptance(engine, drafter, prompt, 24, {}, {})
     visits: dict[RankPath, int] = {}
     hits: dict[RankPath, int] = {}
     start = time.perf_counter()
     deadline = start + seconds
     for index, prompt in enumerate(prompts[2:]):
         progress(min((time.perf_counter() - start) / seconds, 1.0), f"acceptance rates, prompt {index + 1}")
-        count_acceptance(generator, drafter, prompt, CALIBRATION_TOKENS, visits, hits, deadline if index >= MIN_PROMPTS else None)
+        count_acceptance(engine, drafter, prompt, CALIBRATION_TOKENS, visits, hits, deadline if index >= MIN_PROMPTS else None)
         if index + 1 >= MIN_PROMPTS and time.perf_counter() >= deadline:
             break
     return visits, hits
 
 
-def count_acceptance(generator, drafter, prompt: str, max_new: int, visits: dict, hits: dict, deadline: float | None = None) -> None:
+def count_acceptance(engine: Engine, drafter, prompt: str, max_new: int, visits: dict, hits: dict, deadline: float | None = None) -> None:
     """Decode one prompt with a template drafter, adding up per rank path how often its node was
     offered (its parent accepted) and accepted; stops at the end of the answer or the deadline."""
     paths = drafter.template.paths
-    ids = generator.encode(prompt)
-    steps = speculative_decode(generator.runner, drafter, ids, max_new)
-    for step in steps:
-        if generator.eos_ids.intersection(step.tokens):
-            break  # past the end of the answer the text is not what a user would decode
-        if step.tree is not None:
-            for node, hit in zip(*offered_nodes(step.tree, step.accepted)):
-                path = paths[step.tree.source[node]]
-                visits[path] = visits.get(path, 0) + 1
-                hits[path] = hits.get(path, 0) + int(hit)
-        if deadline is not None and time.perf_counter() >= deadline:
-            break
-    steps.close()
+    ids = engine.encode(prompt)
+    with engine.runner.borrowed_slot() as slot:
+        for step in speculative_decode(engine.runner, slot, drafter, ids, max_new):
+            if engine.eos_ids.intersection(step.tokens):
+                break  # past the end of the answer the text is not what a user would decode
+            if step.tree is not None:
+                for node, hit in zip(*offered_nodes(step.tree, step.accepted)):
+                    path = paths[step.tree.source[node]]
+                    visits[path] = visits.get(path, 0) + 1
+                    hits[path] = hits.get(path, 0) + int(hit)
+            if deadline is not None and time.perf_counter() >= deadline:
+                break

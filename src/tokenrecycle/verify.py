@@ -102,6 +102,9 @@ def without(q: torch.Tensor, token: int) -> torch.Tensor:
 
 
 class GreedyVerifier:
+    sampling = None  # greedy: no settings and no random draws
+    draws = None
+
     def first_token(self, logits: torch.Tensor) -> int:
         return int(logits.argmax())
 

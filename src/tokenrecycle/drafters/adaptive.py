@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..trees.design import choose_tree
-from ..trees import DraftTree, RankPath, compile_template, offered_nodes
+from ..trees import DraftTree, RankPath, compile_template, offered_nodes, trim_to_topk
 from .recycling import TokenRecyclingDrafter
 
 
 class AdaptiveTreeDrafter(TokenRecyclingDrafter):
+    shareable = False  # its tree follows one request's acceptance
     def __init__(
         self,
         vocab_size: int,
@@ -32,7 +33,7 @@ class AdaptiveTreeDrafter(TokenRecyclingDrafter):
         prior_weight: float = 16.0,  # the profile counts as this many observed visits per path
         fading: float = 0.95,  # per step: about the last 20 steps matter
     ):
-        self.paths = [p for p in prior_rates if max(p) < topk]
+        self.paths = trim_to_topk(prior_rates, topk)
         self.index = {path: i for i, path in enumerate(self.paths)}
         self.prior = np.array([prior_rates[p] for p in self.paths], dtype=np.float64)
         self.cost_ms = dict(cost_ms)

@@ -22,6 +22,7 @@ import torch
 
 from ..bandit import ContextualBandit
 from ..errors import InvalidOptionError
+from ..sampling import Draws, Sampling
 from ..trees import DraftTree, tree_from_parents
 from .base import Drafter
 
@@ -89,9 +90,13 @@ class AutoDrafter(Drafter):
         self._step_started: float | None = None
         self._decided = 0
 
-    def prepare(self, verifier) -> None:
+    def prepare(self, sampling: Sampling | None, draws: Draws | None) -> None:
         for drafter in self.drafters.values():
-            drafter.prepare(verifier)
+            drafter.prepare(sampling, draws)
+
+    def finish(self) -> None:
+        for drafter in self.drafters.values():
+            drafter.finish()
 
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
         for drafter in self.drafters.values():

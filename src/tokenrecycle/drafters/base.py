@@ -7,13 +7,17 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
+from ..sampling import Draws, Sampling
 from ..trees import DraftTree
 
 
 class Drafter(ABC):
-    def prepare(self, verifier) -> None:
-        """Told, before a request starts, how its tokens will be decided (greedy or sampling
-        settings and the draws). Drafters that sample their drafts need it; others ignore it."""
+    # Whether several requests may use this one object at once (its state is not one text's).
+    shareable: bool = False
+
+    def prepare(self, sampling: Sampling | None, draws: Draws | None) -> None:
+        """Told, before a request starts, how its tokens will be decided: None for greedy, or the
+        sampling settings and the request's draws. Drafters that sample their drafts need it."""
 
     @abstractmethod
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
@@ -22,6 +26,9 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, root_token: int) -> DraftTree:
         """A tree whose root is `root_token`, the last token already decided."""
+
+    def finish(self) -> None:
+        """The request ended (finished or cancelled): give back what it held, such as a runner slot."""
 
     @abstractmethod
     def observe(self, tree: DraftTree, logits: torch.Tensor, accepted: np.ndarray) -> None:

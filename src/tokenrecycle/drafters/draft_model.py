@@ -13,6 +13,7 @@ in the first forward pass of the next step, and kept, so no step ever needs a ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..runners import ModelRunner
+from ..sampling import Draws, Sampling
 from ..trees import DraftTree, chain_tree, tree_from_parents
 from .base import Drafter
 
@@ -51,14 +53,21 @@ class DraftModelDrafter(Drafter):
         self.sampling = None
         self.draws = None
         self._fed_before_root: list[int] = []
+        self._slot: int | None = None  # this drafter's sequence on the draft runner
 
-    def prepare(self, verifier) -> None:
-        self.sampling = getattr(verifier, "sampling", None)
-        self.draws = getattr(verifier, "draws", None)
+    def prepare(self, sampling: Sampling | None, draws: Draws | None) -> None:
+        self.sampling, self.draws = sampling, draws
 
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
-        self.runner.prefill(prompt_ids)
+        if self._slot is None:  # kept from one request to the next until finish()
+            self._slot = self.runner.allocate()
+        self.runner.prefill(self._slot, prompt_ids)
         self._fed_before_root = []
+
+    def finish(self) -> None:
+        if self._slot is not None:
+            self.runner.release(self._slot)
+            self._slot = None
 
     def propose(self, root_token: int) -> DraftTree:
         if self.beam:
@@ -139,11 +148,11 @@ class DraftModelDrafter(Drafter):
         tokens decided since the last step in front of the root, and keeps them in the cache."""
         if first:
             prefix = self._fed_before_root + tokens[:1]
-            logits = self.runner.forward_tree(chain_tree(prefix))
-            self.runner.commit(np.arange(len(prefix) - 1))  # all but the root, which is re-run below
+            logits = self.runner.forward_tree(self._slot, chain_tree(prefix))
+            self.runner.commit(self._slot, np.arange(len(prefix) - 1))  # all but the root, which is re-run below
             return logits[-1:]
-        logits = self.runner.forward_tree(tree_from_parents(tokens, parents))
-        self.runner.commit(np.arange(0))  # drafts never stay in the cache
+        logits = self.runner.forward_tree(self._slot, tree_from_parents(tokens, parents))
+        self.runner.commit(self._slot, np.arange(0))  # drafts never stay in the cache
         return logits
 
     def _distribution(self, logits: torch.Tensor) -> torch.Tensor | None:
@@ -169,3 +178,29 @@ def conditioned_gumbel(raw: torch.Tensor, parent: float) -> torch.Tensor:
     top = raw.max()
     v = parent - raw + torch.log1p(-torch.exp(raw - top))  # -inf for the top one: it gets the parent's value
     return parent - torch.clamp(v, min=0) - torch.log1p(torch.exp(-v.abs()))
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """How a draft model's drafts are shaped: children per level (a chain is all ones), whether a
+    chain's length follows acceptance, or a stochastic beam of width `beam`."""
+
+    branching: tuple[int, ...] = (1,)
+    adaptive: bool = True
+    beam: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DraftShape:
+        """`chain` (adaptive length), widths like `2,2,1` (an RSD tree) or `beam:W,D`."""
+        if text == "chain":
+            return cls()
+        kind, _, sizes = text.rpartition(":")
+        try:
+            numbers = tuple(int(size) for size in sizes.split(","))
+        except ValueError:
+            numbers = ()
+        if kind == "beam" and len(numbers) == 2 and min(numbers) >= 1:
+            return cls((1,) * numbers[1], adaptive=False, beam=numbers[0])
+        if kind == "" and numbers and min(numbers) >= 1:
+            return cls(numbers, adaptive=False)
+        raise InvalidOptionError(f"the draft shape must be chain, widths like 2,2,1 or beam:W,D, got '{text}'")

@@ -25,6 +25,11 @@ from .base import Drafter
 UNWRITTEN = -1  # a row never written drafts nothing
 
 
+def check_topk(topk: int) -> None:
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise InvalidOptionError(f"topk must be a whole number of at least 1, got {topk!r}")
+
+
 class TokenRecyclingDrafter(Drafter):
     def __init__(
         self,
@@ -34,8 +39,7 @@ class TokenRecyclingDrafter(Drafter):
         hot_start: bool = True,
         budget: int | None = None,
     ):
-        if topk < 1:
-            raise InvalidOptionError(f"topk must be at least 1, got {topk}")
+        check_topk(topk)
         if template.num_nodes and int(template.ranks.max()) >= topk:
             raise InvalidOptionError(f"the tree uses rank {int(template.ranks.max())}, beyond topk={topk}")
         self.vocab_size = vocab_size
@@ -47,6 +51,11 @@ class TokenRecyclingDrafter(Drafter):
         self.budget = budget
         self.table = np.full((vocab_size, topk), UNWRITTEN, dtype=np.int32)
         self.probs = np.zeros((vocab_size, topk), dtype=np.float16) if budget else None
+
+    @property
+    def shareable(self) -> bool:
+        """A hot table is all the state there is: requests running at once can share it."""
+        return self.hot_start
 
     @property
     def memory_bytes(self) -> int:

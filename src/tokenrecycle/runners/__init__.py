@@ -1,30 +1,45 @@
-"""Model runners: forward a draft tree on top of a KV cache, commit the accepted path."""
+"""Model runners: KV-cache slots, a draft tree forwarded on top of one, the accepted path committed."""
 
 from __future__ import annotations
 
 from ..errors import InvalidOptionError, UnsupportedModelError
-from .base import ModelRunner
+from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind
 from .fast import FastRunner, fast_unsupported_reason
 from .hf import HFRunner, check_supported
+from .linear import LINEARS, check_quantize
 
 RUNNERS = ("auto", "fast", "hf")
+QUANTIZE = tuple(kind for kind in LINEARS if kind is not None)  # weight formats beside the dtype's own
 
 
-def make_runner(model, kind: str = "auto", quantize: str | None = None) -> ModelRunner:
-    """`fast` for the families it supports, `hf` (transformers' own forward) for the rest; `auto`
-    picks fast where it can. Quantised weights exist only on the fast runner."""
+def check_runner_options(kind: str, quantize: str | None, dtype: str) -> None:
+    """Refuse a runner kind or weight format that cannot work, before any model is loaded."""
     if kind not in RUNNERS:
         raise InvalidOptionError(f"runner must be one of {', '.join(RUNNERS)}, got '{kind}'")
+    check_quantize(quantize)
+    if quantize is not None and kind == "hf":
+        raise InvalidOptionError(f"quantize={quantize} needs the fast runner, not runner=hf")
+    if quantize is not None and dtype != "bfloat16":
+        raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
+
+
+def make_runner(model, kind: str = "auto", quantize: str | None = None, max_slots: int = DEFAULT_SLOTS) -> ModelRunner:
+    """`fast` for the families it supports, `hf` (transformers' own forward) for the rest; `auto`
+    picks fast where it can. Quantised weights exist only on the fast runner."""
+    check_runner_options(kind, quantize, str(model.dtype).removeprefix("torch."))
     reason = fast_unsupported_reason(model.config)
-    if quantize is not None and (kind == "hf" or reason is not None):
-        raise InvalidOptionError(f"quantize={quantize} needs the fast runner" + (f" ({reason})" if reason else ""))
+    if quantize is not None and reason is not None:
+        raise InvalidOptionError(f"quantize={quantize} needs the fast runner ({reason})")
     if kind == "hf":
-        return HFRunner(model)
+        return HFRunner(model, max_slots)
     if reason is None:
-        return FastRunner(model, quantize)
+        return FastRunner(model, quantize, max_slots=max_slots)
     if kind == "fast":
         raise UnsupportedModelError(f"the fast runner cannot run this model: {reason}")
-    return HFRunner(model)
+    return HFRunner(model, max_slots)
 
 
-__all__ = ["ModelRunner", "HFRunner", "FastRunner", "RUNNERS", "make_runner", "check_supported"]
+__all__ = [
+    "DEFAULT_SLOTS", "FastRunner", "HFRunner", "Loop", "ModelRunner", "QUANTIZE", "RUNNERS", "RunnerKind",
+    "check_runner_options", "check_supported", "make_runner",
+]

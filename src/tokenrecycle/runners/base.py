@@ -1,48 +1,116 @@
-"""The one interface between the decoding loop and a model."""
+"""The one interface between the decoding loop and a model: KV-cache slots, one sequence each."""
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
 
+from ..errors import InvalidOptionError, NoFreeSlotError
 from ..trees import DraftTree
+
+DEFAULT_SLOTS = 4  # sequences a runner holds at once unless told otherwise
+
+
+class RunnerKind(enum.Enum):
+    FAST = "fast"  # tokenrecycle's own decoder loop over a preallocated cache
+    HF = "hf"  # the model's own transformers forward
+
+
+class Loop(enum.Enum):
+    """How a runner runs its decoder layers."""
+
+    CPP = "C++ loop"
+    PYTHON = "Python loop"
+    TRANSFORMERS = "transformers forward"
 
 
 class ModelRunner(ABC):
-    """Owns a model and its KV cache for one sequence at a time.
+    """Owns a model and the KV caches of up to `max_slots` sequences.
 
-    The loop calls `prefill` once per request, then repeats `forward_tree` and `commit`. After a
-    commit the cache holds exactly the tokens decided so far, as if they had been decoded one by one.
+    A request takes a slot with `allocate`, calls `prefill` once, then repeats `forward_tree` and
+    `commit` on that slot, and gives it back with `release`. After a commit the slot's cache holds
+    exactly the tokens decided so far, as if they had been decoded one by one. A slot's cache is
+    kept after release (reallocated only to grow) and overwritten by the next prefill.
     """
 
     vocab_size: int
     max_context: int
+    kind: RunnerKind
+    loop: Loop
+    loop_note: str | None = None  # why the loop is not the fastest one (a failed C++ build, ...)
+
+    def __init__(self, max_slots: int = DEFAULT_SLOTS):
+        if not isinstance(max_slots, int) or isinstance(max_slots, bool) or max_slots < 1:
+            raise InvalidOptionError(f"max_slots must be a whole number of at least 1, got {max_slots!r}")
+        self.max_slots = max_slots
+        self._free = list(range(max_slots))
+        self._busy: set[int] = set()
+
+    # ---- slots -----------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """A free slot for a new sequence (the lowest-numbered one)."""
+        if not self._free:
+            raise NoFreeSlotError(f"all {self.max_slots} KV-cache slots are in use")
+        slot = self._free.pop(0)
+        self._busy.add(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give a slot back; its cache rows are overwritten by the next sequence's prefill."""
+        self._check_slot(slot)
+        self._busy.remove(slot)
+        self._free.append(slot)
+        self._free.sort()
+
+    @contextmanager
+    def borrowed_slot(self) -> Iterator[int]:
+        """A slot for the length of a `with` block (measurements, calibration, tests)."""
+        slot = self.allocate()
+        try:
+            yield slot
+        finally:
+            self.release(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if slot not in self._busy:
+            raise ValueError(f"slot {slot} is not allocated")
+
+    # ---- one sequence ----------------------------------------------------------------------
+    @abstractmethod
+    def prefill(self, slot: int, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
+        """Start a new sequence in `slot`: run the prompt, cache it, return float32 logits
+        (prompt_len, vocab). `reserve` is how many tokens the caller may still decide; a runner
+        can size the slot's cache once."""
 
     @abstractmethod
-    def prefill(self, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
-        """Start a new sequence: run the prompt, cache it, return float32 logits (prompt_len, vocab).
+    def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
+        """Run a tree on top of the slot's cache, return float32 logits (len(tree), vocab).
 
-        `reserve` is how many tokens the caller may still decide; a runner can size its cache once.
+        Node i sits at position cache_length + depth[i] and attends to the slot's cache, its
+        ancestors and itself. The tree's keys and values stay pending until `commit`.
         """
 
     @abstractmethod
-    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
-        """Run a tree on top of the cache, return float32 logits (len(tree), vocab).
-
-        Node i sits at position cache_length + depth[i] and attends to the cache, its ancestors and
-        itself. The tree's keys and values stay pending until `commit`.
-        """
-
-    @abstractmethod
-    def commit(self, accepted: np.ndarray) -> None:
+    def commit(self, slot: int, accepted: np.ndarray) -> None:
         """Keep the pending nodes listed in `accepted` (a root-to-node path, root first), drop the rest."""
+
+    @abstractmethod
+    def cache_length(self, slot: int) -> int:
+        """Tokens committed to the slot's cache."""
 
     @property
     @abstractmethod
-    def cache_length(self) -> int:
-        """Tokens committed to the cache."""
+    def cache_bytes(self) -> int:
+        """Memory held by the KV caches of every slot."""
 
 
 def additive_mask(visible: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -20,10 +20,10 @@ from transformers import PreTrainedModel
 
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..trees import DraftTree, chain_tree, tree_visibility
-from .base import ModelRunner, additive_mask
+from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind, additive_mask
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
-from .linear import LINEARS, Linear, fuse
+from .linear import LINEARS, Linear, check_quantize, fuse
 from .native import ACTIVATIONS, native_module, native_wanted
 
 # Families whose decoder layer is: [norm] attention [norm] + residual, [norm] MLP [norm] + residual,
@@ -114,17 +114,26 @@ def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: b
 class FastRunner(ModelRunner):
     """Same answers as the transformers runner, far fewer and larger operations per step."""
 
-    def __init__(self, model: PreTrainedModel, quantize: str | None = None, layers: int | None = None, native: bool | None = None):
+    kind = RunnerKind.FAST
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        quantize: str | None = None,
+        layers: int | None = None,
+        native: bool | None = None,
+        max_slots: int = DEFAULT_SLOTS,
+    ):
         """`layers`: run only the first N decoder layers, then the final norm and the LM head (an
         early-exit copy of the model that shares its weights: a draft model for free).
         `native`: run the layers as one C++ call (None: where it builds, unless TOKENRECYCLE_NATIVE=0;
-        False: the Python loop)."""
+        False: the Python loop). `max_slots`: sequences held at once, one KV cache each."""
+        super().__init__(max_slots)
         config = model.config
         reason = fast_unsupported_reason(config)
         if reason:
             raise UnsupportedModelError(reason)
-        if quantize not in LINEARS:
-            raise InvalidOptionError(f"quantize must be int4 or none, got '{quantize}'")
+        check_quantize(quantize)
         self.quantize = quantize
         gemma = FAST_FAMILIES[config.model_type] == "gemma"
         decoder = model.model
@@ -155,41 +164,50 @@ class FastRunner(ModelRunner):
         # On CPU, attention runs in float32 whatever the weights: its bf16 kernels are several times
         # slower here, and the keys and values are cached exactly (a bf16 value widens losslessly).
         self._attention_dtype = torch.float32 if self._device.type == "cpu" else self.dtype
-        self._cache = KVCache(
-            len(self._layers), self._num_kv_heads, self._head_dim, self._attention_dtype, self._device
-        )
+        self._caches = [
+            KVCache(len(self._layers), self._num_kv_heads, self._head_dim, self._attention_dtype, self._device)
+            for _ in range(max_slots)
+        ]  # empty until a prefill sizes them
         self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_length = 0
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-        self._decoder, self.loop = None, "Python loop"
+        self._decoder, self.loop, self.loop_note = None, Loop.PYTHON, None
         if native is not False and (native or native_wanted()):
-            self._decoder, self.loop = self._native_decoder(ACTIVATIONS.get(activation), gemma)
+            self._decoder, self.loop_note = self._native_decoder(ACTIVATIONS.get(activation), gemma)
+            self.loop = Loop.PYTHON if self._decoder is None else Loop.CPP
+
+    def cache_length(self, slot: int) -> int:
+        return self._caches[slot].length
 
     @property
-    def cache_length(self) -> int:
-        return self._cache.length
+    def cache_bytes(self) -> int:
+        return sum(cache.nbytes for cache in self._caches)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
-        tree = chain_tree(input_ids)
-        self._cache.reset(min(len(tree) + reserve, self.max_context) + TREE_SLOTS)
-        logits = self._run(tree, start=0)
-        self._cache.length = len(tree)
+    def prefill(self, slot: int, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
+        self._check_slot(slot)
+        tree, cache = chain_tree(input_ids), self._caches[slot]
+        cache.reset(min(len(tree) + reserve, self.max_context) + TREE_SLOTS)
+        logits = self._run(cache, tree, start=0)
+        cache.length = len(tree)
         return logits
 
     @torch.inference_mode()
-    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
-        start = self._cache.length
-        self._cache.reserve(start + len(tree))
-        return self._run(tree, start)
+    def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
+        self._check_slot(slot)
+        cache = self._caches[slot]
+        start = cache.length
+        cache.reserve(start + len(tree))
+        return self._run(cache, tree, start)
 
     @torch.inference_mode()
-    def commit(self, accepted: np.ndarray) -> None:
-        self._cache.commit(np.asarray(accepted))
+    def commit(self, slot: int, accepted: np.ndarray) -> None:
+        self._check_slot(slot)
+        self._caches[slot].commit(np.asarray(accepted))
 
     # ---- one forward pass ----------------------------------------------------------------
-    def _run(self, tree: DraftTree, start: int) -> torch.Tensor:
-        self._ensure_rope(self._cache.capacity)
+    def _run(self, cache: KVCache, tree: DraftTree, start: int) -> torch.Tensor:
+        self._ensure_rope(cache.capacity)
         ids = torch.as_tensor(tree.tokens, device=self._device)
         positions = torch.as_tensor(start + tree.depths, device=self._device)
         rope = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self._rope_tables.items()}
@@ -197,20 +215,20 @@ class FastRunner(ModelRunner):
         x = self._embed(ids)
         if self._decoder is not None:
             x = self._decoder.forward(
-                x, self._cache.keys, self._cache.values, start,
+                x, cache.keys, cache.values, start,
                 [rope[key][0] for key in self._rope_keys], [rope[key][1] for key in self._rope_keys],
                 *(list(parts) for parts in zip(*(masks[window] for window in self._windows))),
             )  # fmt: skip
         else:
             for index, layer in enumerate(self._layers):
-                x = self._layer(index, layer, x, start, rope[layer.rope], masks[layer.window])
+                x = self._layer(cache, index, layer, x, start, rope[layer.rope], masks[layer.window])
         logits = self._lm_head(self._norm(x))
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits.float()
 
-    def _layer(self, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
-        h = self._attention(index, layer, layer.attn_norm(x), start, rope, mask)
+    def _layer(self, cache: KVCache, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
+        h = self._attention(cache, index, layer, layer.attn_norm(x), start, rope, mask)
         if layer.post_attn_norm is not None:
             h = layer.post_attn_norm(h)
         x = x + h
@@ -220,7 +238,7 @@ class FastRunner(ModelRunner):
             h = layer.post_mlp_norm(h)
         return x + h
 
-    def _attention(self, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
+    def _attention(self, cache: KVCache, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
         n, d = x.shape[0], self._head_dim
         heads, kv_heads = self._num_heads, self._num_kv_heads
         qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, d)
@@ -231,9 +249,9 @@ class FastRunner(ModelRunner):
         else:
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
             q, k = _rotate(layer.q_norm(q), *rope), _rotate(layer.k_norm(k), *rope)
-        self._cache.write(index, start, k.transpose(0, 1), v.transpose(0, 1))
+        cache.write(index, start, k.transpose(0, 1), v.transpose(0, 1))
         first_key, bias, causal = mask
-        keys, values = self._cache.view(index, first_key, start + n)
+        keys, values = cache.view(index, first_key, start + n)
         query = q.transpose(0, 1)[None].to(self._attention_dtype)
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=bias, is_causal=causal, scale=self._scale, enable_gqa=True
@@ -241,12 +259,12 @@ class FastRunner(ModelRunner):
         return layer.out(out[0].transpose(0, 1).reshape(n, -1).to(x.dtype))
 
     def _native_decoder(self, activation: int | None, gemma: bool):
-        """The C++ decoder over these layers and how the runner runs them (or why not in C++)."""
+        """The C++ decoder over these layers and None, or None and why not in C++."""
         if activation is None:
-            return None, "Python loop (the C++ loop knows only SiLU and tanh-GELU)"
+            return None, "the C++ loop knows only SiLU and tanh-GELU"
         module = native_module()
         if isinstance(module, str):
-            return None, f"Python loop ({module})"
+            return None, module
         linears = [linear.native_parts() for layer in self._layers for linear in (layer.qkv, layer.out, layer.gate_up, layer.down)]
         norms = [
             norm for layer in self._layers
@@ -260,7 +278,7 @@ class FastRunner(ModelRunner):
             [self._rope_keys.index(layer.rope) for layer in self._layers],
             gemma, self._num_heads, self._num_kv_heads, self._head_dim, self._scale, activation,
         )  # fmt: skip
-        return decoder, "C++ loop"
+        return decoder, None
 
     def _mask(self, tree: DraftTree, start: int, window: int | None) -> tuple[int, torch.Tensor | None, bool]:
         """First visible cache slot, the additive mask over slots first..start+n-1 (None: no mask),

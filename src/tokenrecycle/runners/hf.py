@@ -8,7 +8,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import UnsupportedModelError
 from ..trees import DraftTree, tree_visibility
-from .base import ModelRunner, additive_mask
+from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind, additive_mask
 
 # How each supported family takes a custom mask:
 #   "single": one 4-D mask for every layer (window applied if the config has a sliding window);
@@ -33,9 +33,13 @@ def check_supported(config) -> None:
 
 
 class HFRunner(ModelRunner):
-    """Verifies trees with the model's own attention code; the cache grows by concatenation."""
+    """Verifies trees with the model's own attention code; each slot's cache grows by concatenation."""
 
-    def __init__(self, model: PreTrainedModel):
+    kind = RunnerKind.HF
+    loop = Loop.TRANSFORMERS
+
+    def __init__(self, model: PreTrainedModel, max_slots: int = DEFAULT_SLOTS):
+        super().__init__(max_slots)
         check_supported(model.config)
         self.model = model
         config = model.config
@@ -45,47 +49,56 @@ class HFRunner(ModelRunner):
         self._window = getattr(config, "sliding_window", None)
         self._device = model.device
         self._mask_dtype = model.dtype
-        self._cache = DynamicCache()
-        self._committed = 0
+        self._caches = [DynamicCache() for _ in range(max_slots)]
+        self._committed = [0] * max_slots
+
+    def cache_length(self, slot: int) -> int:
+        return self._committed[slot]
 
     @property
-    def cache_length(self) -> int:
-        return self._committed
+    def cache_bytes(self) -> int:
+        return sum(
+            layer.keys.nbytes + layer.values.nbytes
+            for cache in self._caches for layer in cache.layers if getattr(layer, "keys", None) is not None
+        )  # fmt: skip
 
     @torch.inference_mode()
-    def prefill(self, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
-        self._cache = DynamicCache()
+    def prefill(self, slot: int, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
+        self._check_slot(slot)
+        self._caches[slot] = DynamicCache()
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self._device)[None]
-        out = self.model(input_ids=ids, past_key_values=self._cache, use_cache=True)
-        self._committed = ids.shape[1]
+        out = self.model(input_ids=ids, past_key_values=self._caches[slot], use_cache=True)
+        self._committed[slot] = ids.shape[1]
         return out.logits[0].float()
 
     @torch.inference_mode()
-    def forward_tree(self, tree: DraftTree) -> torch.Tensor:
-        start = self.cache_length
+    def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
+        self._check_slot(slot)
+        start = self._committed[slot]
         ids = torch.as_tensor(tree.tokens, device=self._device)[None]
         positions = torch.as_tensor(start + tree.depths, device=self._device)[None]
         out = self.model(
             input_ids=ids,
             position_ids=positions,
             attention_mask=self._masks(tree, start),
-            past_key_values=self._cache,
+            past_key_values=self._caches[slot],
             use_cache=True,
         )
         return out.logits[0].float()
 
     @torch.inference_mode()
-    def commit(self, accepted: np.ndarray) -> None:
-        start = self._committed
+    def commit(self, slot: int, accepted: np.ndarray) -> None:
+        self._check_slot(slot)
+        start = self._committed[slot]
         source = torch.as_tensor(start + accepted, device=self._device)
         end = start + len(accepted)
-        for layer in self._cache.layers:
+        for layer in self._caches[slot].layers:
             # Gather the accepted rows down into place, then cut the rejected tail off (a view).
             layer.keys[:, :, start:end] = layer.keys.index_select(2, source)
             layer.values[:, :, start:end] = layer.values.index_select(2, source)
             layer.keys = layer.keys[:, :, :end]
             layer.values = layer.values[:, :, :end]
-        self._committed = end
+        self._committed[slot] = end
 
     def _masks(self, tree: DraftTree, start: int):
         if self._mask_style == "single":

@@ -29,6 +29,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys.shape[2]
 
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
     def reset(self, capacity: int) -> None:
         """Empty the cache and make room for `capacity` slots (reallocating only to grow)."""
         self.length = 0

@@ -89,3 +89,9 @@ def check_int4(weight: torch.Tensor) -> None:
 
 
 LINEARS = {None: Linear, "int4": Int4Linear}
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize not in LINEARS:
+        formats = ", ".join(kind for kind in LINEARS if kind)
+        raise InvalidOptionError(f"quantize must be one of {formats} or none, got '{quantize}'")

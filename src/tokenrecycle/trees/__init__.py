@@ -14,6 +14,7 @@ from .structure import (
     prune,
     tree_from_parents,
     tree_visibility,
+    trim_to_topk,
     validate_template,
 )
 from .design import best_template, grow_template, rank_budget_template
@@ -21,5 +22,5 @@ from .design import best_template, grow_template, rank_budget_template
 __all__ = [
     "CompiledTree", "DraftTree", "RankPath", "ancestor_mask_from_parents", "best_template", "chain_tree",
     "compile_template", "first_of_each_sibling_token", "grow_template", "limit_depth", "offered_nodes",
-    "prune", "rank_budget_template", "tree_from_parents", "tree_visibility", "validate_template",
+    "prune", "rank_budget_template", "tree_from_parents", "tree_visibility", "trim_to_topk", "validate_template",
 ]

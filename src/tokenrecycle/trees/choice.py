@@ -1,17 +1,18 @@
-"""Which tree a generator drafts with: a name, a file of rank paths, a dynamic budget, or the
-tree tuned for this machine (resolved by the generator, which knows the machine)."""
+"""Which tree an engine drafts with: a name, a file of rank paths, a dynamic budget, or the tree
+tuned for this machine. Every choice resolves into one TreeChoice that carries its reason (and,
+for a tuned tree, the profile it came from)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import InvalidTemplateError
 from .templates import TEMPLATES
 from .design import rank_budget_template
-from .structure import CompiledTree, compile_template
+from .structure import CompiledTree, compile_template, trim_to_topk
 
 AUTO = "auto"  # the tree tuned for this machine (tokenrecycle tune), else the static default below
 ADAPTIVE = "adaptive"  # starts from the tuned tree and follows each request's acceptance
@@ -31,6 +32,24 @@ def default_tree(dtype: str, quantize: str | None) -> str:
 class TreeChoice:
     template: CompiledTree
     budget: int | None = None  # dynamic tree: verify only this many of the template's nodes
+    name: str = "custom"  # what the user asked for (a name, dynN, auto, adaptive), or custom
+    reason: str = "asked for"
+    profile: object | None = None  # the tuning profile a tuned tree came from (an adaptive tree starts there)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name == ADAPTIVE
+
+
+def tuned_tree(tree: str, topk: int, profile, static_default: str, problem: str | None = None) -> TreeChoice:
+    """`auto` or `adaptive` from this machine's tuning profile; without one, the static default
+    tree, with the reason (and `problem`, when a profile exists but cannot be used)."""
+    if profile is None:
+        why = problem or "no tuning profile for this setup yet (run tokenrecycle tune)"
+        return replace(resolve_tree(static_default, topk), reason=f"static default: {why}")
+    adapting = " (start; it follows each request's acceptance)" if tree == ADAPTIVE else ""
+    template = compile_template(trim_to_topk(profile.plan.paths, topk), topk)
+    return TreeChoice(template, name=tree, reason=f"tuned on this machine: {profile.summary()}{adapting}", profile=profile)
 
 
 DYNAMIC_PREFIX = "dyn"
@@ -41,12 +60,12 @@ def resolve_tree(tree: str | Sequence[Sequence[int]], topk: int) -> TreeChoice:
     deep template, chosen afresh each step), a JSON file of rank paths, or the paths themselves."""
     if isinstance(tree, str):
         if tree in TEMPLATES:
-            return TreeChoice(compile_template([p for p in TEMPLATES[tree] if max(p) < topk], topk))
+            return TreeChoice(compile_template(trim_to_topk(TEMPLATES[tree], topk), topk), name=tree)
         if tree.startswith(DYNAMIC_PREFIX) and tree[len(DYNAMIC_PREFIX) :].isdigit():
             budget = int(tree[len(DYNAMIC_PREFIX) :])
             if budget < 1:
                 raise InvalidTemplateError(f"dynamic tree '{tree}' needs a node budget of at least 1")
-            return TreeChoice(compile_template(rank_budget_template(8, 2, topk), topk), budget)
+            return TreeChoice(compile_template(rank_budget_template(8, 2, topk), topk), budget, name=tree)
         path = Path(tree)
         if not path.is_file():
             names = ", ".join(TEMPLATES)

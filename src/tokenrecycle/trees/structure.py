@@ -97,6 +97,11 @@ def validate_template(paths: Iterable[Sequence[int]], topk: int) -> list[RankPat
     return result
 
 
+def trim_to_topk(paths: Iterable[Sequence[int]], topk: int) -> list[RankPath]:
+    """The paths whose every rank is below topk (a prefix-closed set stays prefix-closed)."""
+    return [tuple(path) for path in paths if max(path) < topk]
+
+
 def compile_template(paths: Iterable[Sequence[int]], topk: int) -> CompiledTree:
     """Validate a template and build its buffers (pure)."""
     ordered = [()] + sorted(validate_template(paths, topk), key=lambda p: (len(p), p))

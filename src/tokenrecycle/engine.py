@@ -1,0 +1,337 @@
+"""The engine: one loaded model and runner holding many requests at once.
+
+It owns what requests share: the model, the runner and its KV-cache slots, the EOS ids, prompt
+encoding and the fit checks, the tree and the Token Recycling table, and one `describe()` of the
+setup. `submit` queues a request; each `step` admits waiting requests to free slots and advances
+every running request by one forward pass (one request after another: nothing in a request's
+output depends on the others); `Request.cancel` takes effect before the next step.
+
+Slots and memory: `max_slots` sequences run at once (default 4), each with its own KV cache,
+sized for its prompt, its max_new_tokens and one step's tree; `cache_tokens` caps the cached
+tokens of all running requests together (default: max_slots x the context window). A request
+that cannot start now waits, first come first served, up to `max_waiting` of them (default 64);
+one more raises EngineBusyError; one that could never fit raises PromptTooLongError at submit.
+
+The Token Recycling table is shared by all requests by default (hot start: every verified node
+of every request improves everyone's drafts, and a request's output never depends on the drafts,
+only its speed); `shared_table=False` gives each request a table of its own, seeded from its
+prompt (cold start, the paper's per-request behaviour).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .decoding import GREEDY, DecodingLoop
+from .drafters import Drafter, TokenRecyclingDrafter
+from .drafters.adaptive import AdaptiveTreeDrafter
+from .drafters.draft_model import DraftShape
+from .drafters.recycling import check_topk
+from .drafters.registry import DraftResources, build_drafter, drafter_entry
+from .errors import EngineBusyError, InvalidOptionError, PromptTooLongError
+from .hardware import choose_dtype
+from .models import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model
+from .prompts import Prompt, encode_prompt, eos_token_ids
+from .request import Request, RequestSettings, RequestState, Update
+from .runners import DEFAULT_SLOTS, FastRunner, check_runner_options, make_runner
+from .runners.fast import TREE_SLOTS
+from .text import OutputAssembler
+from .trees.choice import TUNED, TreeChoice, default_tree, resolve_tree, tuned_tree
+from .tuning import ProfileKey, read_profile
+from .verify import SamplingVerifier
+
+DEFAULT_MAX_WAITING = 64
+DEFAULT_DRAFTER = "recycling"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What an engine runs, and why: the one description the CLI, the bench, tuning and the
+    server show."""
+
+    model: str
+    dtype: str
+    dtype_reason: str
+    runner: str
+    loop: str
+    loop_note: str | None
+    quantize: str | None
+    tree: str
+    tree_reason: str
+    tree_nodes: int
+    tree_depth: int
+    drafter: str
+    topk: int
+    shared_table: bool
+    max_slots: int
+    threads: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    table_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def runner_text(self) -> str:
+        return f"{self.runner} runner ({self.loop}{f': {self.loop_note}' if self.loop_note else ''})"
+
+    def summary(self) -> str:
+        """One line: dtype and why, runner and loop, tree."""
+        weights = f" · {self.quantize} weights" if self.quantize else ""
+        return f"{self.dtype} ({self.dtype_reason}){weights} · {self.runner_text()} · tree {self.tree}"
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | LoadedModel = DEFAULT_MODEL,
+        *,
+        dtype: str = "auto",
+        runner: str = "auto",
+        quantize: str | None = None,
+        tree: str | Sequence[Sequence[int]] | None = "auto",
+        topk: int = 8,
+        shared_table: bool = True,
+        max_slots: int = DEFAULT_SLOTS,
+        cache_tokens: int | None = None,
+        max_waiting: int = DEFAULT_MAX_WAITING,
+    ):
+        # Every option is checked by its owner before the model loads, so a typo fails in milliseconds.
+        check_topk(topk)
+        picked = choose_dtype(dtype)
+        check_runner_options(runner, quantize, picked.dtype)
+        tree = "auto" if tree is None else tree
+        asked_tree = None if isinstance(tree, str) and tree in TUNED else resolve_tree(tree, topk)
+        _check_count("max_waiting", max_waiting, minimum=0)
+        if cache_tokens is not None:
+            _check_count("cache_tokens", cache_tokens, minimum=1)
+        if isinstance(model, LoadedModel) and model.dtype != picked.dtype:
+            raise InvalidOptionError(f"the loaded model is {model.dtype}, not {picked.dtype}")
+        # A LoadedModel is shared, not copied: several engines (runners, trees) over one model.
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, picked.dtype)
+        self.dtype, self.dtype_reason = picked.dtype, picked.reason
+        self.quantize, self.topk, self.shared_table = quantize, topk, shared_table
+        self.runner = make_runner(self.loaded.model, runner, quantize, max_slots)
+        self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
+        self.cache_tokens = cache_tokens or max_slots * (self.runner.max_context + TREE_SLOTS)
+        self.max_waiting = max_waiting
+        self.profile_key = ProfileKey.of(self.loaded.path, self.runner, self.dtype, quantize, topk)
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._draft_runners: dict[str, object] = {}
+        self.set_tree(tree if asked_tree is None else asked_tree)
+
+    # ---- the tree and the shared table -------------------------------------------------------
+    def set_tree(self, tree: str | Sequence[Sequence[int]] | TreeChoice | None = "auto") -> None:
+        """Draft with another tree (a name, dynN, a file, rank paths, auto or adaptive); the
+        shared table starts empty. Only between requests."""
+        if self._running:
+            raise InvalidOptionError("the tree cannot change while requests are running")
+        tree = "auto" if tree is None else tree
+        self.tree = tree if isinstance(tree, TreeChoice) else self._resolve(tree)
+        self.recycling = self._new_recycling(self.tree)
+
+    def _resolve(self, tree) -> TreeChoice:
+        if isinstance(tree, str) and tree in TUNED:
+            profile, problem = read_profile(self.profile_key)
+            return tuned_tree(tree, self.topk, profile, default_tree(self.dtype, self.quantize), problem)
+        return resolve_tree(tree, self.topk)
+
+    def _new_recycling(self, choice: TreeChoice, hot_start: bool = True) -> TokenRecyclingDrafter:
+        vocab = self.runner.vocab_size
+        if choice.adaptive:
+            profile = choice.profile
+            return AdaptiveTreeDrafter(vocab, profile.rates, profile.mean_cost_ms, self.topk, hot_start)
+        return TokenRecyclingDrafter(vocab, choice.template, self.topk, hot_start, budget=choice.budget)
+
+    def recycling_drafter(self, tree=None, hot_start: bool = True) -> TokenRecyclingDrafter:
+        """A Token Recycling drafter with a table of its own: this engine's tree unless another is
+        given (a name, dynN, file, rank paths, auto or adaptive)."""
+        choice = self.tree if tree is None else self._resolve(tree)
+        return self._new_recycling(choice, hot_start)
+
+    # ---- drafters ----------------------------------------------------------------------------
+    def build_drafter(self, name: str, *, datastore=None, draft: str | None = None, draft_shape: str = "chain", own_table: bool = True) -> Drafter:
+        """A drafter from the registry, with state of its own (`own_table=False`: its Token
+        Recycling part drafts from this engine's shared table)."""
+        entry = drafter_entry(name)
+        shape = DraftShape.parse(draft_shape) if entry.needs_draft_model else None
+        resources = DraftResources(
+            vocab_size=self.runner.vocab_size,
+            tree=self.tree,
+            recycling=self.recycling_drafter if own_table else self._request_recycling,
+            datastore=datastore,
+            draft_runner=(lambda: self.draft_runner(draft)) if draft else None,
+            draft_shape=shape,
+        )
+        return entry.build(resources)
+
+    def _request_recycling(self) -> TokenRecyclingDrafter:
+        """The Token Recycling drafter a request gets: the shared one, or one of its own."""
+        if self.shared_table and self.recycling.shareable:
+            return self.recycling
+        return self._new_recycling(self.tree, hot_start=self.shared_table)
+
+    def draft_runner(self, draft: str):
+        """The draft model's runner, built once per engine: `early-exit:N` (this model's first N
+        layers with its final norm and LM head, sharing its weights), `int4` (a 4-bit copy) or a
+        model that shares the tokenizer (bundled name, GGUF file or directory)."""
+        if draft not in self._draft_runners:
+            self._draft_runners[draft] = self._make_draft_runner(draft)
+        return self._draft_runners[draft]
+
+    def _make_draft_runner(self, draft: str):
+        kind, _, layers = draft.partition(":")
+        slots = self.runner.max_slots
+        if kind == "early-exit":
+            if not layers.isdigit():
+                raise InvalidOptionError(f"early-exit needs a layer count, as in early-exit:8, got '{draft}'")
+            return FastRunner(self.loaded.model, layers=int(layers), max_slots=slots)
+        if draft == "int4":
+            return make_runner(self.loaded.model, "fast", quantize="int4", max_slots=slots)
+        loaded = load_model(draft, self.dtype)
+        if loaded.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
+            raise InvalidOptionError(f"draft model {draft} does not share the target's tokenizer")
+        return make_runner(loaded.model, max_slots=slots)
+
+    # ---- prompts -----------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> np.ndarray:
+        return encode_prompt(self.loaded.tokenizer, prompt, chat)
+
+    def check_fits(self, prompt_ids: np.ndarray, max_new_tokens: int) -> None:
+        limit = self.runner.max_context
+        if len(prompt_ids) + max_new_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={max_new_tokens} "
+                f"exceeds the context window of {limit} tokens"
+            )
+        if self._reservation(len(prompt_ids), max_new_tokens) > self.cache_tokens:
+            raise PromptTooLongError(
+                f"prompt of {len(prompt_ids)} tokens plus max_new_tokens={max_new_tokens} needs more "
+                f"KV cache than this engine has ({self.cache_tokens} tokens)"
+            )
+
+    @staticmethod
+    def _reservation(prompt_tokens: int, max_new_tokens: int) -> int:
+        return prompt_tokens + max_new_tokens + TREE_SLOTS
+
+    # ---- requests ----------------------------------------------------------------------------
+    def submit(self, prompt: Prompt, settings: RequestSettings | None = None) -> Request:
+        """Queue a request (encoded once, checked to fit); it starts at a step with a free slot."""
+        settings = settings or RequestSettings()
+        prompt_ids = self.encode(prompt, settings.chat)
+        self.check_fits(prompt_ids, settings.max_new_tokens)
+        assembler = OutputAssembler(self.loaded.tokenizer, self.eos_ids, settings.stop, settings.max_new_tokens)
+        request = Request(prompt_ids, settings, self._drafter_for(settings), assembler)
+        self._waiting.append(request)
+        self._admit()
+        if len(self._waiting) > self.max_waiting:
+            self._waiting.remove(request)
+            raise EngineBusyError(f"all {self.runner.max_slots} slots are busy and {self.max_waiting} requests already wait")
+        return request
+
+    def _drafter_for(self, settings: RequestSettings) -> Drafter:
+        drafter = settings.drafter
+        if drafter is None or isinstance(drafter, str):
+            return self.build_drafter(drafter or DEFAULT_DRAFTER, own_table=False)
+        if not drafter.shareable and any(r.drafter is drafter for r in (*self._running, *self._waiting)):
+            raise InvalidOptionError("this drafter object already serves an unfinished request (it holds one text's state)")
+        return drafter
+
+    @property
+    def running(self) -> tuple[Request, ...]:
+        return tuple(self._running)
+
+    @property
+    def waiting(self) -> tuple[Request, ...]:
+        return tuple(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not self._running and not self._waiting
+
+    def step(self) -> list[Update]:
+        """Apply cancellations, admit waiting requests, then one forward pass per running request."""
+        self.drop_cancelled()
+        self._admit()
+        updates = [request.take(request.loop.step()) for request in self._running]
+        for update in updates:
+            if update.finished:
+                self._close(update.request)
+        return updates
+
+    def run(self, request: Request):
+        """Step the engine until `request` ends; yields its updates (others advance meanwhile)."""
+        while not request.finished:
+            if request.state is RequestState.WAITING and not self._running:
+                raise EngineBusyError("the request cannot start: its slot is held outside the engine")
+            for update in self.step():
+                if update.request is request:
+                    yield update
+
+    def drop_cancelled(self) -> None:
+        """End the requests whose cancel was asked for and free their slots (each step does this first)."""
+        for request in [r for r in self._waiting if r.cancel_asked]:
+            self._waiting.remove(request)
+            request.end(RequestState.CANCELLED)
+        for request in [r for r in self._running if r.cancel_asked]:
+            request.end(RequestState.CANCELLED)
+            self._close(request)
+
+    def _admit(self) -> None:
+        while self._waiting and self._can_start(self._waiting[0].prompt_ids, self._waiting[0].settings):
+            request = self._waiting.popleft()
+            slot = self.runner.allocate()
+            verifier = SamplingVerifier(request.settings.sampling) if request.settings.sampling else GREEDY
+            loop = DecodingLoop(self.runner, slot, request.drafter, request.prompt_ids, request.settings.max_new_tokens, verifier)
+            request.start(loop, slot)
+            self._running.append(request)
+
+    def _can_start(self, prompt_ids: np.ndarray, settings: RequestSettings) -> bool:
+        reserved = sum(self._reservation(len(r.prompt_ids), r.settings.max_new_tokens) for r in self._running)
+        needed = self._reservation(len(prompt_ids), settings.max_new_tokens)
+        return self.runner.free_slots > 0 and reserved + needed <= self.cache_tokens
+
+    def _close(self, request: Request) -> None:
+        self._running.remove(request)
+        self.runner.release(request.slot)
+        request.drafter.finish()
+
+    # ---- description -------------------------------------------------------------------------
+    def describe(self, drafter: str = DEFAULT_DRAFTER) -> Setup:
+        template = self.tree.template
+        return Setup(
+            model=self.loaded.name if self.loaded.name in BUNDLED else self.loaded.path.name,
+            dtype=self.dtype,
+            dtype_reason=self.dtype_reason,
+            runner=self.runner.kind.value,
+            loop=self.runner.loop.value,
+            loop_note=self.runner.loop_note,
+            quantize=self.quantize,
+            tree=self.tree.name,
+            tree_reason=self.tree.reason,
+            tree_nodes=template.num_nodes,
+            tree_depth=template.max_depth,
+            drafter=drafter,
+            topk=self.topk,
+            shared_table=self.shared_table,
+            max_slots=self.runner.max_slots,
+            threads=torch.get_num_threads(),
+            weights_bytes=sum(p.numel() * p.element_size() for p in self.loaded.model.parameters()),
+            kv_cache_bytes=self.runner.cache_bytes,
+            table_bytes=self.recycling.memory_bytes,
+        )
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidOptionError(f"{name} must be a whole number of at least {minimum}, got {value!r}")

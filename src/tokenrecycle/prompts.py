@@ -1,0 +1,40 @@
+"""Prompts to token ids: text (a user turn), chat messages, or ids already encoded; and a model's EOS ids."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .errors import EmptyPromptError
+
+# What a prompt may be: text (a user turn), chat messages ({"role", "content"} dicts, for
+# multi-turn conversations) or token ids already encoded.
+Prompt = str | Sequence[dict] | np.ndarray
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool | None = None) -> np.ndarray:
+    """Token ids of a prompt; instruct models get their chat template unless chat=False.
+    Messages without a chat template are joined as plain text; token ids pass through."""
+    if isinstance(prompt, np.ndarray):
+        if prompt.ndim != 1 or len(prompt) == 0:
+            raise EmptyPromptError("the prompt is empty")
+        return prompt.astype(np.int64, copy=False)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not messages or not all(str(m.get("content", "")).strip() for m in messages):
+        raise EmptyPromptError("the prompt is empty")
+    use_chat = tokenizer.chat_template is not None if chat is None else chat
+    if use_chat:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
