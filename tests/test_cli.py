@@ -19,6 +19,14 @@ from tokenrecycle import (
 )
 from tokenrecycle.cli import identical_text, main
 from tokenrecycle.models import resolve
+from tokenrecycle.runners.native import SOURCE, native_module_built
+
+
+@pytest.fixture(autouse=True)
+def extension_cache_ready(monkeypatch):
+    """The C++ loop's build notice depends on this machine's extension cache, the one-line checks
+    here must not (test_build_notice sets it)."""
+    monkeypatch.setattr("tokenrecycle.runners.native.native_module_built", lambda: True)
 
 
 def run_cli(capsys, *args):
@@ -199,3 +207,39 @@ def test_identical_text_explains_a_16_bit_mismatch():
     assert identical_text(True, "bfloat16") == "yes"
     assert identical_text(False, "float32") == "NO"
     assert identical_text(False, "bfloat16").startswith("no (bfloat16 rounding")
+
+
+def test_native_module_built_reads_the_extension_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not native_module_built()
+    build = tmp_path / "tokenrecycle_decoder"  # torch's name for the build directory under the root
+    library = build / "tokenrecycle_decoder.so"
+    library.write_bytes(b"")
+    assert not native_module_built()  # no build.ninja: not built from this source
+    (build / "build.ninja").write_text(f"build decoder.o: compile {SOURCE}\n")
+    assert native_module_built()
+    (build / "build.ninja").write_text("build decoder.o: compile /another/checkout/decoder.cpp\n")
+    assert not native_module_built()  # another checkout's build: rebuilt for this one
+    (build / "build.ninja").write_text(f"build decoder.o: compile {SOURCE}\n")
+    os.utime(library, (0, 0))
+    assert not native_module_built()  # older than the source: rebuilt
+
+
+@pytest.mark.parametrize(
+    "built, args, env, notice",
+    [
+        (False, [], {}, True),
+        (True, [], {}, False),
+        (False, ["--runner", "hf"], {}, False),
+        (False, [], {"TOKENRECYCLE_NATIVE": "0"}, False),
+    ],
+)
+def test_build_notice(capsys, monkeypatch, built, args, env, notice):
+    monkeypatch.setattr("tokenrecycle.runners.native.native_module_built", lambda: built)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, "hi", "--model", "/no/such/model", *args)  # fails at the load, after the notice
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert ("tokenrecycle: building the C++ decoder loop (once, about 30 s)" in lines) is notice
+    assert lines[-1].startswith("tokenrecycle: error: no model at")

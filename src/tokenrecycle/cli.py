@@ -196,7 +196,16 @@ def run_generate(args: argparse.Namespace) -> int:
 def load_generator(args: argparse.Namespace, tree: str):
     from .generator import Generator  # imports torch and transformers: not needed for --help
 
+    announce_native_build(args.runner)
     return Generator(args.model, dtype=args.dtype, runner=args.runner, tree=tree, topk=args.topk, quantize=args.quantize)
+
+
+def announce_native_build(runner: str) -> None:
+    """The fast runner's first load compiles its C++ loop inside torch's builder, silently: say so."""
+    from .runners.native import native_module_built, native_wanted
+
+    if runner != "hf" and native_wanted() and not native_module_built():
+        print("tokenrecycle: building the C++ decoder loop (once, about 30 s)", file=sys.stderr)
 
 
 def run_tune(args: argparse.Namespace) -> int:
