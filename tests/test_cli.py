@@ -1,5 +1,6 @@
 """The command line and the API refuse bad input with one line and a typed error."""
 
+import io
 import json
 import os
 import subprocess
@@ -207,6 +208,70 @@ def test_identical_text_explains_a_16_bit_mismatch():
     assert identical_text(True, "bfloat16") == "yes"
     assert identical_text(False, "float32") == "NO"
     assert identical_text(False, "bfloat16").startswith("no (bfloat16 rounding")
+
+
+@pytest.mark.parametrize("args", [[], ["hi", "--prompt-file", "p.txt"], ["-", "--prompt-file", "p.txt"]])
+def test_exactly_one_prompt_source(capsys, args):
+    code, out, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "give exactly one prompt: as an argument, - for standard input, or --prompt-file")
+    assert out == ""
+
+
+def test_missing_or_unreadable_prompt_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path / "missing.txt"))
+    assert_one_line_error(code, err, "cannot read prompt file")
+    assert "No such file" in err
+    code, _, err = run_cli(capsys, "--prompt-file", str(tmp_path))  # a directory
+    assert_one_line_error(code, err, "Is a directory")
+
+
+def test_prompt_that_is_not_utf8(capsys, tmp_path, monkeypatch):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait".encode("latin-1"))
+    code, _, err = run_cli(capsys, "--prompt-file", str(latin1))
+    assert_one_line_error(code, err, "is not valid UTF-8 (byte 0xe9 at offset 3)")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
+    code, _, err = run_cli(capsys, "-")
+    assert_one_line_error(code, err, "the prompt on standard input is not valid UTF-8")
+    code, _, err = run_cli(capsys, "\udcff\udcfe")  # how Python receives undecodable argument bytes
+    assert_one_line_error(code, err, "the prompt is not valid UTF-8")
+    code, _, err = run_cli(capsys, "hi", "--stop", "\udcff")
+    assert_one_line_error(code, err, "is not valid UTF-8")
+
+
+def test_undecodable_argument_bytes_in_a_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenrecycle.cli", "generate", b"\xff\xfe"], capture_output=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == "tokenrecycle: error: the prompt is not valid UTF-8"
+
+
+def test_empty_stop_string_is_refused(capsys):
+    code, out, err = run_cli(capsys, "hi", "--stop", "x", "--stop", "")
+    assert_one_line_error(code, err, "--stop must not be empty")
+    assert out == ""
+
+
+def test_prompt_from_a_file_or_standard_input_is_the_argument(capsys, tmp_path, monkeypatch):
+    prompt = "Name a fruit."
+    options = ["--json", "--dtype", "float32", "--max-new-tokens", "6"]
+    file = tmp_path / "prompt.txt"
+    file.write_text(prompt, encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(prompt.encode())))
+    texts = []
+    for source in ([prompt], ["--prompt-file", str(file)], ["-"]):
+        code, out, _ = run_cli(capsys, *options, *source)
+        assert code == 0
+        texts.append(json.loads(out)["text"])
+    assert texts[0] and texts == [texts[0]] * 3
+
+
+def test_a_prompt_file_longer_than_an_argument_can_be(capsys, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("word " * 30_000, encoding="utf-8")  # 150 KB: past the 128 KiB a shell argument may hold
+    code, _, err = run_cli(capsys, "--prompt-file", str(long))
+    assert_one_line_error(code, err, "exceeds the context window")  # read whole, then measured in tokens
 
 
 def test_native_module_built_reads_the_extension_cache(tmp_path, monkeypatch):

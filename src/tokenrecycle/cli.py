@@ -27,26 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="tokenrecycle", description="Lossless speculative decoding with Token Recycling.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     gen = commands.add_parser("generate", help="generate an answer to a prompt, streamed")
-    gen.add_argument("prompt", help="the prompt (instruct models get their chat template)")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (instruct models get their chat template); - reads it from standard input")
+    gen.add_argument("--prompt-file", default=None, help="read the prompt from this file (UTF-8) instead")
     add_model_options(gen)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--tree", default="auto", help=f"auto (default: the tree tuned for this machine, tuned on first use), adaptive (starts there and follows each request's acceptance), a named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or a JSON file of rank paths")
-    gen.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile yet: use the static default tree instead of tuning")
-    gen.add_argument("--tune-seconds", type=float, default=60.0, help="time for tuning on first use")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample, with exactly the distribution plain sampling has")
-    gen.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (0: off; 50 as in transformers)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus, the smallest set with this much probability")
-    gen.add_argument("--min-p", type=float, default=None, help="sampling: drop tokens below this fraction of the top token's probability")
-    gen.add_argument("--seed", type=int, default=None, help="sampling: seed for a repeatable sample")
-    gen.add_argument("--drafter", choices=["recycling", "lookup", "retrieval", "merged", "auto"], default="recycling", help="train-free drafting: Token Recycling (default), prompt lookup, retrieval, all three merged, or auto (a bandit picks by tokens/s)")
-    gen.add_argument("--datastore", default=None, help="for retrieval, merged and auto: a datastore file from tokenrecycle index")
-    gen.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
-    gen.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
+    add_decoding_options(gen)
+    add_sampling_options(gen)
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    gen.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
     tune = commands.add_parser("tune", help="measure this machine and choose the draft tree --tree auto uses")
     add_model_options(tune)
     tune.add_argument("--seconds", type=float, default=60.0, help="about how long to measure")
@@ -65,6 +53,27 @@ def add_model_options(parser) -> None:
     parser.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
     parser.add_argument("--quantize", choices=["int4"], default=None, help="int4: 4-bit weights in groups of 32 (a model of its own; needs bfloat16 and the fast runner)")
     parser.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
+
+
+def add_decoding_options(parser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--tree", default="auto", help=f"auto (default: the tree tuned for this machine, tuned on first use), adaptive (starts there and follows each request's acceptance), a named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or a JSON file of rank paths")
+    parser.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile yet: use the static default tree instead of tuning")
+    parser.add_argument("--tune-seconds", type=float, default=60.0, help="time for tuning on first use")
+    parser.add_argument("--drafter", choices=["recycling", "lookup", "retrieval", "merged", "auto"], default="recycling", help="train-free drafting: Token Recycling (default), prompt lookup, retrieval, all three merged, or auto (a bandit picks by tokens/s)")
+    parser.add_argument("--datastore", default=None, help="for retrieval, merged and auto: a datastore file from tokenrecycle index")
+    parser.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
+    parser.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
+    parser.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
+
+
+def add_sampling_options(parser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sample, with exactly the distribution plain sampling has")
+    parser.add_argument("--top-k", type=int, default=50, help="sampling: keep the k most likely tokens (0: off; 50 as in transformers)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus, the smallest set with this much probability")
+    parser.add_argument("--min-p", type=float, default=None, help="sampling: drop tokens below this fraction of the top token's probability")
+    parser.add_argument("--seed", type=int, default=None, help="sampling: seed for a repeatable sample")
 
 
 def add_bench_parser(commands) -> None:
@@ -125,25 +134,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if not args.prompt.strip():
+    prompt = prompt_of(args)
+    if not prompt.strip():
         raise InvalidOptionError("the prompt is empty")
-    if args.max_new_tokens < 1:
-        raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.draft and args.drafter != "recycling":
-        raise InvalidOptionError("--draft (a draft model) and --drafter (train-free drafting) exclude each other")
+    check_decoding_options(args)
     sampling = sampling_of(args)
-    generator = load_generator(args, args.tree)
-    if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
-        print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune skips)", file=sys.stderr)
-        tune_with_progress(generator, args.tune_seconds)
+    generator = prepared_generator(args)
     chat = False if args.no_chat else None
-    generator.check_fits(generator.encode(args.prompt, chat), args.max_new_tokens)
-    if args.table and Path(args.table).exists():
-        generator.load_table(args.table)
+    generator.check_fits(generator.encode(prompt, chat), args.max_new_tokens)
     if args.compare:
         warm_up(generator, chat)
-    drafter = draft_model_drafter(generator, args.draft, args.draft_shape) if args.draft else train_free_drafter(generator, args)
-    generation = generator.stream(args.prompt, args.max_new_tokens, args.stop, chat, drafter=drafter, sampling=sampling)
+    drafter = drafter_of(generator, args)
+    generation = generator.stream(prompt, args.max_new_tokens, args.stop, chat, drafter=drafter, sampling=sampling)
     for piece in generation:
         if not args.json:
             print(piece, end="", flush=True)
@@ -174,7 +176,7 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.compare:
-        plain, baseline = compare_baseline(generator, args.prompt, args.max_new_tokens, args.stop, chat, sampling)
+        plain, baseline = compare_baseline(generator, prompt, args.max_new_tokens, args.stop, chat, sampling)
         comparison = {
             "baseline": baseline,
             "baseline_tokens_per_s": plain.tokens_per_s,
@@ -191,6 +193,73 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     return 0
+
+
+def prompt_of(args: argparse.Namespace) -> str:
+    """The prompt from exactly one source: the argument, standard input (-) or --prompt-file."""
+    given = [source for source in (args.prompt, args.prompt_file) if source is not None]
+    if len(given) != 1:
+        raise InvalidOptionError("give exactly one prompt: as an argument, - for standard input, or --prompt-file FILE")
+    if args.prompt_file is not None:
+        try:
+            data = Path(args.prompt_file).read_bytes()
+        except OSError as exc:
+            raise InvalidOptionError(f"cannot read prompt file '{args.prompt_file}': {exc.strerror or exc}") from None
+        return utf8_text(data, f"the prompt file '{args.prompt_file}'")
+    if args.prompt == "-":
+        return utf8_text(standard_input().buffer.read(), "the prompt on standard input")
+    return require_utf8(args.prompt, "the prompt")
+
+
+def standard_input():
+    if sys.stdin is None:  # started with standard input closed
+        raise InvalidOptionError("there is no standard input to read from")
+    return sys.stdin
+
+
+def utf8_text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not part of the prompt
+    except UnicodeDecodeError as exc:
+        raise InvalidOptionError(f"{what} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def require_utf8(text: str, what: str) -> str:
+    """Arguments that were not valid UTF-8 reach Python as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidOptionError(f"{what} is not valid UTF-8") from None
+    return text
+
+
+def check_decoding_options(args: argparse.Namespace) -> None:
+    """What generate refuses before loading anything."""
+    if args.max_new_tokens < 1:
+        raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.draft and args.drafter != "recycling":
+        raise InvalidOptionError("--draft (a draft model) and --drafter (train-free drafting) exclude each other")
+    for stop in args.stop:
+        if not stop:
+            raise InvalidOptionError("--stop must not be empty (it would match before the first token)")
+        require_utf8(stop, f"the stop string {stop!r}")
+
+
+def prepared_generator(args: argparse.Namespace):
+    """The generator generate decodes with: loaded, tuned on first use, its table loaded."""
+    generator = load_generator(args, args.tree)
+    if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
+        print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune skips)", file=sys.stderr)
+        tune_with_progress(generator, args.tune_seconds)
+    if args.table and Path(args.table).exists():
+        generator.load_table(args.table)
+    return generator
+
+
+def drafter_of(generator, args: argparse.Namespace):
+    if args.draft:
+        return draft_model_drafter(generator, args.draft, args.draft_shape)
+    return train_free_drafter(generator, args)
 
 
 def load_generator(args: argparse.Namespace, tree: str):
