@@ -1,4 +1,4 @@
-"""Command line: `tokenrecycle generate "PROMPT"`."""
+"""Command line: `tokenrecycle generate "PROMPT"`, `tokenrecycle chat`, tune, index and bench."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="send the prompt as raw text, without the chat template")
     gen.add_argument("--compare", action="store_true", help="also run plain greedy decoding of the same model and compare")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    chat = commands.add_parser("chat", help="a multi-turn conversation in the terminal, each answer streamed (/reset starts over)")
+    add_model_options(chat)
+    add_decoding_options(chat)
+    add_sampling_options(chat)
     tune = commands.add_parser("tune", help="measure this machine and choose the draft tree --tree auto uses")
     add_model_options(tune)
     tune.add_argument("--seconds", type=float, default=60.0, help="about how long to measure")
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad option already reported in one line
         return int(exit_request.code or 0)
     try:
-        commands = {"generate": run_generate, "tune": run_tune, "bench": run_bench, "index": run_index}
+        commands = {"generate": run_generate, "chat": run_chat, "tune": run_tune, "bench": run_bench, "index": run_index}
         return commands[args.command](args)
     except TokenRecycleError as exc:
         print(f"tokenrecycle: error: {exc}", file=sys.stderr)
@@ -195,6 +199,23 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSettings, chat_session
+
+    check_decoding_options(args)
+    sampling = sampling_of(args)
+    # Undecodable input becomes lone surrogates the session refuses line by line, not a traceback.
+    if hasattr(standard_input(), "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    generator = prepared_generator(args)
+    settings = ChatSettings(args.max_new_tokens, tuple(args.stop), drafter_of(generator, args), sampling)
+    try:
+        return chat_session(generator, settings)
+    finally:
+        if args.table:
+            generator.save_table(args.table)
+
+
 def prompt_of(args: argparse.Namespace) -> str:
     """The prompt from exactly one source: the argument, standard input (-) or --prompt-file."""
     given = [source for source in (args.prompt, args.prompt_file) if source is not None]
@@ -234,7 +255,7 @@ def require_utf8(text: str, what: str) -> str:
 
 
 def check_decoding_options(args: argparse.Namespace) -> None:
-    """What generate refuses before loading anything."""
+    """What generate and chat refuse before loading anything."""
     if args.max_new_tokens < 1:
         raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.draft and args.drafter != "recycling":
@@ -246,7 +267,7 @@ def check_decoding_options(args: argparse.Namespace) -> None:
 
 
 def prepared_generator(args: argparse.Namespace):
-    """The generator generate decodes with: loaded, tuned on first use, its table loaded."""
+    """The generator generate and chat decode with: loaded, tuned on first use, its table loaded."""
     generator = load_generator(args, args.tree)
     if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
         print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune skips)", file=sys.stderr)
