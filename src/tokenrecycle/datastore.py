@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -54,14 +52,5 @@ def build_datastore(paths, model: str, out: str | Path) -> tuple[SuffixAutomaton
             documents += 1
     if not documents:
         raise InvalidOptionError("the corpus holds no text")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=out.parent, suffix=".npz")
-    os.close(handle)
-    try:
-        automaton.save(staging)
-        os.replace(staging, out)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    automaton.save(out)
     return automaton, documents

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 import importlib.util
 from pathlib import Path
@@ -23,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from .errors import CorruptModelError, InvalidOptionError, ModelNotFoundError  # noqa: E402
+from .files import atomic_directory  # noqa: E402
 from .runners.hf import check_supported  # noqa: E402
 
 DEFAULT_MODEL = "smollm2"
@@ -116,14 +115,8 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     _check_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
+    with atomic_directory(target) as staging:  # a crash never leaves a half-written model
         _convert(gguf, staging)
-        os.replace(staging, target)  # atomic: a crash never leaves a half-written model
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptTableError
+from .files import atomic_write
 
 SEPARATOR = -1  # between documents: a token no text contains
 
@@ -119,14 +120,15 @@ class SuffixAutomaton:
 
     # ---- storage -------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """A datastore file: the automaton as flat arrays (numpy .npz)."""
+        """A datastore file: the automaton as flat arrays (numpy .npz), written whole or not at all."""
         sources = np.repeat(np.arange(len(self.next)), [len(n) for n in self.next])
         tokens = np.fromiter((t for n in self.next for t in n), dtype=np.int64, count=len(sources))
         targets = np.fromiter((s for n in self.next for s in n.values()), dtype=np.int64, count=len(sources))
-        np.savez(
-            path, sources=sources, tokens=tokens, targets=targets, link=np.array(self.link), length=np.array(self.length),
-            own=np.array(self.own), last=self.last, size=self.tokens,
-        )  # fmt: skip
+        with atomic_write(path) as file:  # a file object: numpy writes it exactly there, adding no .npz
+            np.savez(
+                file, sources=sources, tokens=tokens, targets=targets, link=np.array(self.link), length=np.array(self.length),
+                own=np.array(self.own), last=self.last, size=self.tokens,
+            )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> SuffixAutomaton:

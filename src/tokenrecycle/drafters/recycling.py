@@ -12,13 +12,12 @@ a dynamic tree that goes deep where the model was confident and wide where it wa
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CorruptTableError, InvalidOptionError
+from ..files import atomic_write
 from ..trees import CompiledTree, DraftTree, first_of_each_sibling_token, prune
 from .base import Drafter
 
@@ -125,17 +124,9 @@ class TokenRecyclingDrafter(Drafter):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table atomically: a crash leaves the old file or none, never half of one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                extra = {"probs": self.probs} if self.probs is not None else {}
-                np.savez(f, table=self.table, topk=self.topk, vocab_size=self.vocab_size, **extra)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        extra = {"probs": self.probs} if self.probs is not None else {}
+        with atomic_write(path) as file:
+            np.savez(file, table=self.table, topk=self.topk, vocab_size=self.vocab_size, **extra)
 
     def load(self, path: str | os.PathLike) -> None:
         table, probs = read_table(path)
