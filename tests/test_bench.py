@@ -60,8 +60,11 @@ class FailingMethod(Method):
 def install_failing(monkeypatch, word: str, exception=RuntimeError):
     """The tr-hf slot builds a FailingMethod instead."""
 
-    def build(factory, name, tree):
-        return FailingMethod(name, "ar", "fails on purpose", word=word, tokenizer=factory.loaded.tokenizer, exception=exception)
+    def build(factory, variant, tree):
+        return FailingMethod(
+            variant.name, variant.baseline("ar"), "fails on purpose", sampling=variant.sampling,
+            word=word, tokenizer=factory.loaded.tokenizer, exception=exception,
+        )  # fmt: skip
 
     monkeypatch.setattr(MethodFactory, "_tr_hf", build)
 

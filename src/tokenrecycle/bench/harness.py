@@ -224,18 +224,15 @@ def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) ->
         # Sampled runs are methods of their own, named with the temperature, against plain
         # sampling at that temperature on their runtime.
         sampling = Sampling(temperature=temperature) if temperature > 0 else None
-        suffix = temperature_suffix(temperature)
         for name, base, tree in names:
             before = current_rss_bytes()
             try:
-                method = factory.build(base, tree, name + suffix)
+                method = factory.build(base, tree, name, sampling)
             except MethodUnavailable as exc:
                 if config.methods is not None and base in config.methods:
                     raise MethodUnavailable(f"method {name}: {exc}") from None
-                section["unavailable"][name + suffix] = str(exc)
+                section["unavailable"][name + temperature_suffix(temperature)] = str(exc)
                 continue
-            method.sampling = sampling
-            method.baseline = method.baseline and method.baseline + suffix
             methods.append(method)
             section["methods"][method.name] = {
                 "base": base,

@@ -42,6 +42,7 @@ from ..generator import Generator, hf_generate
 from ..models import LoadedModel, load_model, resolve
 from ..runners import HFRunner
 from ..sampling import Sampling
+from .metrics import temperature_suffix
 
 BASE_METHODS = (
     "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto",
@@ -54,6 +55,25 @@ REFERENCE = "ar"
 
 class MethodUnavailable(TokenRecycleError):
     """A method cannot run here (optional package missing, no draft model, no GGUF file)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method as a run asks for it: its name and, for a sampled run, the sampling. Sampled runs
+    are methods of their own, named ~tT, measured against their baseline's run at the same T."""
+
+    name: str
+    sampling: Sampling | None = None  # None: greedy
+    suffix: str = ""  # ~tT for a sampled run
+
+    @classmethod
+    def of(cls, name: str, sampling: Sampling | None = None) -> Variant:
+        suffix = temperature_suffix(sampling.temperature) if sampling else ""
+        return cls(name + suffix, sampling, suffix)
+
+    def baseline(self, base: str | None) -> str | None:
+        """The run this variant of a method is measured against, given the method's baseline."""
+        return base and base + self.suffix
 
 
 @dataclass
@@ -224,68 +244,72 @@ class MethodFactory:
             runners["fast int4"] = self.int4_generator.runner
         return runners
 
-    def build(self, base: str, tree: str | None = None, name: str | None = None) -> Method:
-        name = name or base
+    def build(self, base: str, tree: str | None = None, name: str | None = None, sampling: Sampling | None = None) -> Method:
+        """Method `base` (on `tree`, for the Token Recycling methods), named `name` (default:
+        `base`), greedy or with `sampling`, complete as built."""
         builder = getattr(self, "_" + base.replace("-", "_"), None)
         if base not in BASE_METHODS or builder is None:
             raise MethodUnavailable(f"unknown method '{base}' (known: {', '.join(BASE_METHODS)})")
-        return builder(name, tree) if base in TREE_METHODS else builder(name)
+        variant = Variant.of(name or base, sampling)
+        return builder(variant, tree) if base in TREE_METHODS else builder(variant)
 
     # ---- one builder per method --------------------------------------------------------------
-    def _ar(self, name):
-        return self._transformers(name, None, "transformers model.generate", {})
+    def _ar(self, v: Variant):
+        return self._transformers(v, None, "transformers model.generate", {})
 
-    def _plain(self, name):
+    def _plain(self, v: Variant):
         g = self.generator
-        return OwnLoopMethod(name, REFERENCE, f"tokenrecycle, one token per step ({g.runner_name})", generator=g)
+        description = f"tokenrecycle, one token per step ({g.runner_name})"
+        return OwnLoopMethod(v.name, v.baseline(REFERENCE), description, sampling=v.sampling, generator=g)
 
-    def _tr(self, name, tree):
-        return self._recycling(name, self.generator, tree, hot=True, baseline="plain")
+    def _tr(self, v: Variant, tree):
+        return self._recycling(v, self.generator, tree, hot=True, baseline="plain")
 
-    def _tr_cold(self, name, tree):
-        return self._recycling(name, self.generator, tree, hot=False, baseline="plain")
+    def _tr_cold(self, v: Variant, tree):
+        return self._recycling(v, self.generator, tree, hot=False, baseline="plain")
 
-    def _tr_hf(self, name, tree):
-        return self._recycling(name, self.hf_generator, tree, hot=True, baseline=REFERENCE)
+    def _tr_hf(self, v: Variant, tree):
+        return self._recycling(v, self.hf_generator, tree, hot=True, baseline=REFERENCE)
 
-    def _int4_plain(self, name):
+    def _int4_plain(self, v: Variant):
         return OwnLoopMethod(
-            name, REFERENCE, "tokenrecycle, one token per step, int4 weights", {"quantize": "int4"},
+            v.name, v.baseline(REFERENCE), "tokenrecycle, one token per step, int4 weights", {"quantize": "int4"}, v.sampling,
             generator=self.int4_generator,
         )  # fmt: skip
 
-    def _int4_tr(self, name, tree):
-        return self._recycling(name, self.int4_generator, tree, hot=True, baseline="int4-plain")
+    def _int4_tr(self, v: Variant, tree):
+        return self._recycling(v, self.int4_generator, tree, hot=True, baseline="int4-plain")
 
-    def _sps(self, name):
-        return self._draft_model(name, (1,), adaptive=True, kind="speculative sampling, adaptive chain")
+    def _sps(self, v: Variant):
+        return self._draft_model(v, (1,), adaptive=True, kind="speculative sampling, adaptive chain")
 
-    def _rsd(self, name):
-        return self._draft_model(name, (2, 2, 1), adaptive=False, kind="recursive speculative decoding, tree 2-2-1")
+    def _rsd(self, v: Variant):
+        return self._draft_model(v, (2, 2, 1), adaptive=False, kind="recursive speculative decoding, tree 2-2-1")
 
-    def _rsd_sbs(self, name):
-        return self._draft_model(name, (1, 1, 1), adaptive=False, kind="recursive speculative decoding, stochastic beam search 3x3", beam=3)
+    def _rsd_sbs(self, v: Variant):
+        return self._draft_model(v, (1, 1, 1), adaptive=False, kind="recursive speculative decoding, stochastic beam search 3x3", beam=3)
 
-    def _draft_model(self, name, branching, adaptive: bool, kind: str, beam: int | None = None) -> OwnLoopMethod:
+    def _draft_model(self, v: Variant, branching, adaptive: bool, kind: str, beam: int | None = None) -> OwnLoopMethod:
         g = self.generator
         draft = self.draft or f"early-exit:{max(1, g.model.config.num_hidden_layers // 4)}"
         drafter = g.draft_model_drafter(draft, branching, adaptive, beam)
         settings = {"draft": draft, "branching": list(branching), "adaptive_length": adaptive, "beam": beam}
-        return OwnLoopMethod(name, "plain", f"{kind}, drafts from {draft}", settings, generator=g, drafter=drafter)
+        description = f"{kind}, drafts from {draft}"
+        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, generator=g, drafter=drafter)
 
-    def _lookup(self, name):
-        return self._train_free(name, "lookup", "prompt lookup, continuations merged in a tree")
+    def _lookup(self, v: Variant):
+        return self._train_free(v, "lookup", "prompt lookup, continuations merged in a tree")
 
-    def _retrieval(self, name):
-        return self._train_free(name, "retrieval", "retrieval from a suffix automaton of the datastore, prompts and earlier outputs")
+    def _retrieval(self, v: Variant):
+        return self._train_free(v, "retrieval", "retrieval from a suffix automaton of the datastore, prompts and earlier outputs")
 
-    def _merged(self, name):
-        return self._train_free(name, "merged", "Token Recycling, lookup and retrieval merged in one tree")
+    def _merged(self, v: Variant):
+        return self._train_free(v, "merged", "Token Recycling, lookup and retrieval merged in one tree")
 
-    def _auto(self, name):
-        return self._train_free(name, "auto", "a bandit choosing among Token Recycling, lookup, retrieval and their merges")
+    def _auto(self, v: Variant):
+        return self._train_free(v, "auto", "a bandit choosing among Token Recycling, lookup, retrieval and their merges")
 
-    def _train_free(self, name, kind: str, description: str) -> OwnLoopMethod:
+    def _train_free(self, v: Variant, kind: str, description: str) -> OwnLoopMethod:
         # Each retrieving method reads the file into an automaton of its own: it learns as it runs.
         retrieves = kind in ("retrieval", "merged", "auto")
         store = SuffixAutomaton.load(self.datastore) if self.datastore and retrieves else None
@@ -295,43 +319,41 @@ class MethodFactory:
             settings.update(datastore=self.datastore, datastore_tokens=store.tokens if store else 0)
         if isinstance(drafter, AutoDrafter):
             settings["arms"] = drafter.arm_names
-        return OwnLoopMethod(name, "plain", description, settings, generator=self.generator, drafter=drafter)
+        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, generator=self.generator, drafter=drafter)
 
-    def _hf_pld(self, name):
-        return self._transformers(name, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
+    def _hf_pld(self, v: Variant):
+        return self._transformers(v, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
 
-    def _hf_assisted(self, name):
+    def _hf_assisted(self, v: Variant):
         if not self.draft_model:
             raise MethodUnavailable("needs a draft model that shares the tokenizer (--draft-model)")
         draft = load_model(self.draft_model, self.generator.dtype)
         if draft.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise MethodUnavailable(f"draft model {self.draft_model} does not share the target's tokenizer")
         return self._transformers(
-            name, REFERENCE, f"transformers assisted decoding, draft {self.draft_model}",
+            v, REFERENCE, f"transformers assisted decoding, draft {self.draft_model}",
             {"assistant_model": draft.model}, settings={"draft_model": self.draft_model},
         )  # fmt: skip
 
-    def _llamacpp(self, name):
-        return self._llama(name, REFERENCE, "llama.cpp greedy decoding of the GGUF", {})
+    def _llamacpp(self, v: Variant):
+        return self._llama(v, REFERENCE, "llama.cpp greedy decoding of the GGUF", {})
 
-    def _llamacpp_pld(self, name):
+    def _llamacpp_pld(self, v: Variant):
         module = self._llama_cpp_module()
         drafter = module.llama_speculative.LlamaPromptLookupDecoding(**self.llamacpp_pld)
         # Speculative checks need the logits of every position, not only the last one.
         options = {"draft_model": drafter, "logits_all": True}
-        method = self._llama(name, "llamacpp", "llama.cpp prompt lookup decoding", options)
-        method.settings.update(self.llamacpp_pld)
-        return method
+        return self._llama(v, "llamacpp", "llama.cpp prompt lookup decoding", options, dict(self.llamacpp_pld))
 
     # ---- shared pieces ---------------------------------------------------------------------
-    def _transformers(self, name, baseline, description, options, settings=None) -> TransformersMethod:
-        shown = {k: v for k, v in options.items() if isinstance(v, (int, float, str))}
+    def _transformers(self, v: Variant, baseline, description, options, settings=None) -> TransformersMethod:
+        shown = {key: value for key, value in options.items() if isinstance(value, (int, float, str))}
         return TransformersMethod(
-            name, baseline, description, settings or shown,
+            v.name, v.baseline(baseline), description, settings or shown, v.sampling,
             model=self.loaded.model, eos_ids=self.generator.eos_ids, options=options,
         )  # fmt: skip
 
-    def _recycling(self, name, generator: Generator, tree, hot: bool, baseline: str) -> OwnLoopMethod:
+    def _recycling(self, v: Variant, generator: Generator, tree, hot: bool, baseline: str) -> OwnLoopMethod:
         drafter = generator.new_drafter(hot_start=hot, tree=tree)
         tree_name = tree or generator.tree_name
         start = "hot start (table kept across requests)" if hot else "cold start (table restarted per request)"
@@ -342,11 +364,11 @@ class MethodFactory:
             settings["paths"] = [list(path) for path in drafter.template.paths[1:]]
         settings.update(hot_start=hot, topk=generator.topk, runner=generator.runner_name)
         return OwnLoopMethod(
-            name, baseline, f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}", settings,
-            generator=generator, drafter=drafter,
+            v.name, v.baseline(baseline), f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}", settings,
+            v.sampling, generator=generator, drafter=drafter,
         )  # fmt: skip
 
-    def _llama(self, name, baseline, description, options) -> LlamaCppMethod:
+    def _llama(self, v: Variant, baseline, description, options, settings=None) -> LlamaCppMethod:
         module = self._llama_cpp_module()
         gguf = resolve(self.model_spec)
         if gguf.suffix != ".gguf":
@@ -355,8 +377,10 @@ class MethodFactory:
             model_path=str(gguf), n_ctx=self.generator.runner.max_context, n_threads=torch.get_num_threads(),
             verbose=False, **options,
         )  # fmt: skip
-        settings = {"gguf": Path(gguf).name, "threads": torch.get_num_threads()}
-        return LlamaCppMethod(name, baseline, description, settings, llm=llm, eos_ids=self.generator.eos_ids)
+        settings = {"gguf": Path(gguf).name, "threads": torch.get_num_threads(), **(settings or {})}
+        return LlamaCppMethod(
+            v.name, v.baseline(baseline), description, settings, v.sampling, llm=llm, eos_ids=self.generator.eos_ids
+        )  # fmt: skip
 
     @staticmethod
     def _llama_cpp_module():
