@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun, decided
 from tokenrecycle.bench.metrics import OVERALL, MethodStats, by_temperature, first_difference, profile_frontier, summarize, tree_checks
 from tokenrecycle.bench.plots import plot_tree_checks
 from tokenrecycle.bench.questions import BenchInputError
+from tokenrecycle.bench.results import BenchRun, MethodInfo, Record, Section, load_results, portable_path
 from tokenrecycle.cli import main
+from tokenrecycle.errors import CorruptResultsError
 
 from tiny_models import one_thread, save_tiny_pair  # noqa: F401  (tiny models: one thread is fastest)
 
@@ -28,6 +32,7 @@ QUESTIONS = [
     {"question_id": 4, "category": "coding", "turns": ["def fib(n):\n    # complete this function"]},
 ]
 OUTPUTS = ("results.json", "report.md", "speedup_float32.png", "accepted_float32.png", "cost_float32.png")
+COMMITTED = sorted(path.parent for path in (Path(__file__).parents[1] / "docs" / "bench").glob("*/results.json.gz"))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def bench_run(tiny_pair, question_file, tmp_path_factory):
     with pytest.MonkeyPatch.context() as monkeypatch:
         install_failing(monkeypatch, "zebra")
         assert main(bench_args(tiny_pair, question_file, out)) == 0
-    return out, json.loads((out / "results.json").read_text())
+    return out, load_results(out)
 
 
 def test_every_output_is_written(bench_run):
@@ -95,42 +100,42 @@ def test_every_output_is_written(bench_run):
         assert heading in report
     for method in ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "tr-hf"):
         assert f"| {method} |" in report
-    assert results["status"] == "complete"
-    assert results["machine"]["cpu"] and results["machine"]["versions"]["torch"]
+    assert results.status == "complete"
+    assert results.machine.cpu and results.machine.versions["torch"]
 
 
 def test_a_failing_method_is_recorded_and_the_run_goes_on(bench_run):
     _, results = bench_run
-    records = results["sections"][0]["records"]
-    failing = [r for r in records if r["method"] == "tr-hf"]
-    assert [r["status"] for r in failing] == ["ok", "ok", "failed", "ok", "ok"]
-    assert "boom on the zebra" in failing[2]["error"]
-    assert all(r["status"] == "ok" for r in records if r["method"] != "tr-hf")
+    records = results.sections[0].records
+    failing = [r for r in records if r.method == "tr-hf"]
+    assert [r.status for r in failing] == ["ok", "ok", "failed", "ok", "ok"]
+    assert "boom on the zebra" in failing[2].error
+    assert all(r.status == "ok" for r in records if r.method != "tr-hf")
 
 
 def test_second_turn_follows_the_first_answer(bench_run):
     _, results = bench_run
-    records = [r for r in results["sections"][0]["records"] if r["question_id"] == "1" and r["method"] == "ar"]
-    assert [r["turn"] for r in records] == [0, 1]
-    assert records[1]["prompt_tokens"] > records[0]["prompt_tokens"]
+    records = [r for r in results.sections[0].records if r.question_id == "1" and r.method == "ar"]
+    assert [r.turn for r in records] == [0, 1]
+    assert records[1].prompt_tokens > records[0].prompt_tokens
 
 
 def test_numbers_are_consistent(bench_run):
     _, results = bench_run
-    section = results["sections"][0]
+    section = results.sections[0]
     stats = summarize(section)
-    ok = [r for r in section["records"] if r["status"] == "ok"]
+    ok = [r for r in section.records if r.status == "ok"]
     for record in ok:  # every method accounts for each new token in exactly one forward pass
-        assert sum(record["accepted_lengths"]) == record["new_tokens"] == len(record["token_ids"])
-        assert record["tokens_per_s"] == pytest.approx(record["new_tokens"] / record["seconds"][0])
-    for method, info in section["methods"].items():
-        mine = [r for r in ok if r["method"] == method]
-        median = statistics.median(r["tokens_per_s"] for r in mine)
+        assert sum(record.accepted_lengths) == record.new_tokens == len(record.token_ids)
+        assert record.tokens_per_s == pytest.approx(record.new_tokens / record.seconds[0])
+    for method, info in section.methods.items():
+        mine = [r for r in ok if r.method == method]
+        median = statistics.median(r.tokens_per_s for r in mine)
         assert stats[method][OVERALL].tokens_per_s == pytest.approx(median)
-        mat = sum(r["new_tokens"] for r in mine) / sum(len(r["accepted_lengths"]) for r in mine)
+        mat = sum(r.new_tokens for r in mine) / sum(len(r.accepted_lengths) for r in mine)
         assert stats[method][OVERALL].mat == pytest.approx(mat)
-        baseline = info["baseline"] or method
-        theirs = statistics.median(r["tokens_per_s"] for r in ok if r["method"] == baseline)
+        baseline = info.baseline or method
+        theirs = statistics.median(r.tokens_per_s for r in ok if r.method == baseline)
         assert stats[method][OVERALL].speedup == pytest.approx(median / theirs)
     report = (bench_run[0] / "report.md").read_text()
     tr = stats["tr"][OVERALL]
@@ -139,12 +144,12 @@ def test_numbers_are_consistent(bench_run):
 
 def test_tokenrecycle_methods_are_lossless_in_float32(bench_run):
     _, results = bench_run
-    section = results["sections"][0]
+    section = results.sections[0]
     stats = summarize(section)
     for method in ("plain", "tr", "tr-cold"):
         assert stats[method][OVERALL].identical == 1.0, method
-    drafting = [r for r in section["records"] if r["method"] == "tr"]
-    assert all(len(r["accepted_lengths"]) <= r["new_tokens"] for r in drafting)
+    drafting = [r for r in section.records if r.method == "tr"]
+    assert all(len(r.accepted_lengths) <= r.new_tokens for r in drafting)
 
 
 def test_render_reproduces_the_report(bench_run, tmp_path):
@@ -162,18 +167,18 @@ def test_ctrl_c_leaves_a_valid_partial_result_and_resume_completes_it(tiny_pair,
     with monkeypatch.context() as patch:
         install_failing(patch, "zebra", KeyboardInterrupt)
         assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf")) == 130
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["status"] == "interrupted"
-    assert {r["question_id"] for r in results["sections"][0]["records"]} == {"1"}  # question 2 was cut short
+    results = load_results(tmp_path)
+    assert results.status == "interrupted"
+    assert {r.question_id for r in results.sections[0].records} == {"1"}  # question 2 was cut short
     assert "Partial run (interrupted)" in (tmp_path / "report.md").read_text()
-    first = results["sections"][0]["records"]
+    first = results.sections[0].records
     install_failing(monkeypatch, "nothing-matches")
     assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf") + ["--resume"]) == 0
-    resumed = json.loads((tmp_path / "results.json").read_text())
-    records = resumed["sections"][0]["records"]
-    assert resumed["status"] == "complete" and len(resumed["resumed"]) == 1 and len(resumed["sections"]) == 1
+    resumed = load_results(tmp_path)
+    records = resumed.sections[0].records
+    assert resumed.status == "complete" and len(resumed.resumed) == 1 and len(resumed.sections) == 1
     assert records[: len(first)] == first  # kept, not measured again
-    assert [r["question_id"] for r in records].count("1") == len(first) and {r["question_id"] for r in records} == {"1", "2", "3", "4"}
+    assert [r.question_id for r in records].count("1") == len(first) and {r.question_id for r in records} == {"1", "2", "3", "4"}
     assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,plain") + ["--resume"]) == 2  # other settings
 
 
@@ -187,8 +192,8 @@ def test_sigterm_saves_a_partial_result_like_ctrl_c(tiny_pair, question_file, tm
     before = signal.getsignal(signal.SIGTERM)
     install_failing(monkeypatch, "zebra", terminate)
     assert main(bench_args(tiny_pair, question_file, tmp_path, methods="ar,tr-hf")) == 130
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["status"] == "interrupted" and {r["question_id"] for r in results["sections"][0]["records"]} == {"1"}
+    results = load_results(tmp_path)
+    assert results.status == "interrupted" and {r.question_id for r in results.sections[0].records} == {"1"}
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the bench's only while it runs
 
 
@@ -245,24 +250,41 @@ def test_first_difference():
     assert first_difference([1, 2], [1, 2, 3]) == 2
 
 
-def profiled_section(methods: dict[str, list]) -> dict:
+def section_of(methods: dict[str, MethodInfo], records: list[Record], profile: dict | None = None) -> Section:
+    """A section with these methods and records; its setup is of no account to the metrics."""
+    return Section("float32", "asked for float32", "FastRunner", None, "tr4", None, 0, profile, methods, records=records)
+
+
+def method_info(base: str = "tr", baseline: str | None = "plain", settings: dict | None = None) -> MethodInfo:
+    return MethodInfo(base, baseline, "a method", settings or {}, temperature=0.0, memory_added_bytes=0, drafter_bytes=0)
+
+
+def ok_record(method: str, accepted_lengths: list[int], category="writing", question_id="1", tokens_per_s=0.0) -> Record:
+    new_tokens = sum(accepted_lengths)
+    return Record(
+        question_id, category, 0, 10, method, "ok", seconds=[new_tokens / tokens_per_s if tokens_per_s else 1.0],
+        new_tokens=new_tokens, tokens_per_s=tokens_per_s, accepted_lengths=accepted_lengths, token_ids=[1] * new_tokens,
+    )  # fmt: skip
+
+
+def profiled_section(methods: dict[str, list]) -> Section:
     """A section whose profile knows rates for rank paths 0, 0.0 and 1 and a cost curve; one
     record per method accepting 2 then 1 tokens after the prefill."""
     profile = {
         "acceptance": {"0": {"rate": 0.5, "visits": 20}, "0.0": {"rate": 0.5, "visits": 10}, "1": {"rate": 0.2, "visits": 10}},
         "cost_ms": {"256": {"1": 10.0, "2": 10.0, "4": 20.0}, "1024": {"1": 10.0, "2": 10.0, "4": 20.0}},
     }
-    return {
-        "profile": profile,
-        "methods": {name: {"base": "tr", "settings": {"paths": paths}} for name, paths in methods.items()},
-        "records": [{"method": name, "status": "ok", "accepted_lengths": [1, 2, 1]} for name in methods],
-    }
+    return section_of(
+        {name: method_info(settings={"paths": paths}) for name, paths in methods.items()},
+        [ok_record(name, [1, 2, 1]) for name in methods],
+        profile,
+    )  # fmt: skip
 
 
 def test_tree_checks_predict_from_the_profile_and_flag_uncalibrated_nodes(tmp_path):
     section = profiled_section({"tr@chain": [[0], [0, 0]], "tr@wide": [[0], [5], [5, 0]], "tr@chain~t0.7": [[0], [0, 0]]})
-    section["methods"]["tr@chain~t0.7"]["temperature"] = 0.7  # greedy rates do not predict sampling: left out
-    stats = {name: {OVERALL: MethodStats(tokens_per_s=40.0)} for name in section["methods"]}
+    section.methods["tr@chain~t0.7"].temperature = 0.7  # greedy rates do not predict sampling: left out
+    stats = {name: {OVERALL: MethodStats(tokens_per_s=40.0)} for name in section.methods}
     chain, wide = tree_checks(section, stats)
     assert (chain.nodes, chain.depth, chain.calibrated) == (2, 2, True)
     assert chain.predicted_tokens == pytest.approx(1 + 0.5 + 0.25)
@@ -279,7 +301,7 @@ def test_profile_frontier_is_the_best_tree_of_every_size():
     assert [plan.num_nodes for plan in frontier] == [0, 1, 2, 3]
     assert [plan.paths[-1] for plan in frontier[1:]] == [(0,), (0, 0), (1,)]  # most likely node first
     assert [plan.expected_tokens for plan in frontier] == pytest.approx([1.0, 1.5, 1.75, 1.95])
-    assert profile_frontier({"profile": None}) == []
+    assert profile_frontier(section_of({}, [], profile=None)) == []
 
 
 def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_path):
@@ -288,19 +310,19 @@ def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_pat
             "--methods", "ar,plain,tr,sps,rsd,rsd-sbs,lookup,retrieval,merged,auto", "--temperatures", "0,0.7", "--draft", "early-exit:1", "--warm-up", "1",
             "--no-cost-curve", "--out", str(tmp_path)]  # fmt: skip
     assert main(args) == 0
-    section = json.loads((tmp_path / "results.json").read_text())["sections"][0]
-    assert section["methods"]["tr~t0.7"]["baseline"] == "plain~t0.7"
-    assert section["methods"]["sps"]["baseline"] == "plain" and section["methods"]["rsd~t0.7"]["temperature"] == 0.7
-    assert all(r["status"] == "ok" for r in section["records"]), [r["error"] for r in section["records"] if r["error"]]
-    for record in section["records"]:
-        assert sum(record["accepted_lengths"]) == record["new_tokens"]
+    section = load_results(tmp_path).sections[0]
+    assert section.methods["tr~t0.7"].baseline == "plain~t0.7"
+    assert section.methods["sps"].baseline == "plain" and section.methods["rsd~t0.7"].temperature == 0.7
+    assert all(r.status == "ok" for r in section.records), [r.error for r in section.records if r.error]
+    for record in section.records:
+        assert sum(record.accepted_lengths) == record.new_tokens
     stats = summarize(section)
     for method in ("sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto"):
         assert stats[method][OVERALL].identical == 1.0, method  # greedy: exact
     assert stats["tr~t0.7"][OVERALL].identical != stats["tr~t0.7"][OVERALL].identical  # NaN: samples differ by chance
     report = (tmp_path / "report.md").read_text()
     assert "Greedy decoding and sampling at temperature 0.7" in report and "| rsd~t0.7 |" in report
-    auto = [r for r in section["records"] if r["method"] == "auto"][-1]["details"]
+    auto = [r for r in section.records if r.method == "auto"][-1].details
     assert set(auto["credit"]) == {"tr", "lookup", "retrieval"} and sum(auto["plays"].values()) > 0
     assert "credit: tr " in report
     runs = by_temperature(section, stats)
@@ -312,15 +334,14 @@ def test_sampling_rows_and_draft_model_methods(tiny_pair, question_file, tmp_pat
     assert tr_row.endswith(f"| {kept} |")  # greedy speedup, MAT, sampled speedup, MAT, kept
 
 
-def drafters_section(speeds: dict[str, list[float]], categories=("writing", "rag")) -> dict:
+def drafters_section(speeds: dict[str, list[float]], categories=("writing", "rag")) -> Section:
     """A finished section where each method ran the same turns at the given tokens/s."""
-    methods = {name: {"baseline": None if name == "plain" else "plain"} for name in speeds}
+    methods = {name: method_info(name, None if name == "plain" else "plain") for name in speeds}
     records = [
-        {"method": name, "status": "ok", "category": categories[i % len(categories)], "question_id": str(i), "turn": 0,
-         "tokens_per_s": speed, "new_tokens": 10, "seconds": [10 / speed], "accepted_lengths": [1] * 10, "token_ids": [1] * 10, "peak_rss_bytes": 0}
+        ok_record(name, [1] * 10, categories[i % len(categories)], str(i), float(speed))
         for name, values in speeds.items() for i, speed in enumerate(values)
     ]  # fmt: skip
-    return {"methods": methods, "records": records}
+    return section_of(methods, records)
 
 
 def test_auto_is_paired_per_turn_with_the_best_single_drafter():
@@ -339,3 +360,104 @@ def test_auto_is_paired_per_turn_with_the_best_single_drafter():
     noisy = drafters_section({"plain": plain, "tr": 1.4 * plain, "auto": 1.4 * plain * level})
     assert {c.verdict for c in against_best_rival(noisy, summarize(noisy))} == {"within noise"}
     assert against_best_rival(drafters_section({"plain": plain, "tr": plain}), summarize(section)) == []  # no auto
+
+
+def absolute_paths(value) -> list[str]:
+    """The strings in JSON data that are, or hold, an absolute path of the machine a run was on."""
+    if isinstance(value, dict):
+        return absolute_paths(list(value)) + absolute_paths(list(value.values()))
+    if isinstance(value, list):
+        return [path for item in value for path in absolute_paths(item)]
+    machine_roots = ("/work/", "/root/", "/home/", "/tmp/", "/Users/")
+    found = isinstance(value, str) and (os.path.isabs(value) or any(root in value for root in machine_roots))
+    return [value] if found else []
+
+
+def test_results_survive_a_json_round_trip(bench_run):
+    out, results = bench_run
+    assert BenchRun.from_json(json.loads(json.dumps(results.to_json()))) == results
+    section = results.sections[0]
+    assert any(not r.ok for r in section.records) and section.methods["tr-hf"].baseline == "ar"
+    assert section.cost_curves and all(isinstance(n, int) for curve in section.cost_curves.values() for n in curve)
+    assert results.settings.dtypes == ("float32",) and results.settings.temperatures == (0.0,)
+
+
+def test_results_name_files_without_the_machines_paths(bench_run, tiny_pair):
+    out, results = bench_run
+    target, draft = tiny_pair
+    assert results.settings.model == Path(target).name and results.settings.draft_model == Path(draft).name
+    assert results.settings.question_source == "question.jsonl" and results.settings.out == out.name
+    assert absolute_paths(json.loads((out / "results.json").read_text())) == []
+
+
+def test_portable_path_is_relative_to_the_project_or_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert portable_path("smollm2") == "smollm2"
+    assert portable_path("../shared/question.jsonl") == "../shared/question.jsonl"  # relative: as typed
+    assert portable_path(tmp_path / "bench-results" / "run") == "bench-results/run"
+    assert portable_path("/elsewhere/models/tiny.gguf") == "tiny.gguf"
+
+
+def set_version(data):
+    data["version"] = 1
+
+
+def set_speed_text(data):
+    data["sections"][0]["records"][0]["tokens_per_s"] = "fast"
+
+
+def set_turn_true(data):
+    data["sections"][0]["records"][0]["turn"] = True
+
+
+def drop_records(data):
+    del data["sections"][0]["records"]
+
+
+def add_field(data):
+    data["settings"]["colour"] = "blue"
+
+
+def set_cost_key(data):
+    data["sections"][0]["cost_curves"]["hf"]["one"] = 1.0
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (set_version, r"format version 1; this tokenrecycle reads bench results of version 2"),
+        (set_speed_text, r"sections\[0\]\.records\[0\]\.tokens_per_s: expected int or float, found str"),
+        (set_turn_true, r"records\[0\]\.turn: expected int, found bool"),
+        (drop_records, r"sections\[0\]: missing field 'records'"),
+        (add_field, r"settings: unknown field 'colour'"),
+        (set_cost_key, r"key 'one' is not a whole number"),
+    ],
+)
+def test_results_of_another_version_or_damaged_are_a_typed_error(bench_run, tmp_path, capsys, damage, message):
+    out, _ = bench_run
+    data = json.loads((out / "results.json").read_text())
+    damage(data)
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    with pytest.raises(CorruptResultsError, match=message):
+        load_results(tmp_path)
+    assert main(["bench", "--render", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "results.json" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_results_that_are_not_json_are_a_typed_error(tmp_path):
+    (tmp_path / "results.json").write_text('{"version": 2, "status": ')
+    with pytest.raises(CorruptResultsError, match="is not JSON"):
+        load_results(tmp_path)
+
+
+@pytest.mark.parametrize("committed", COMMITTED, ids=lambda path: path.name)
+def test_committed_results_render_their_report(committed, tmp_path):
+    copy = tmp_path / committed.name
+    copy.mkdir()
+    text = gzip.decompress((committed / "results.json.gz").read_bytes()).decode()
+    (copy / "results.json").write_text(text)
+    assert main(["bench", "--render", str(copy)]) == 0
+    assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
+    assert absolute_paths(json.loads(text)) == []

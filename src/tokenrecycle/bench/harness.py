@@ -9,14 +9,12 @@ method's, so every method sees the same second prompt. Results are saved after e
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +39,11 @@ from .methods import (
 from .metrics import temperature_suffix
 from .progress import BenchProgress
 from .questions import Question
+from .report import render
+from .results import (
+    RESULTS_FILE, BenchRun, Machine, MethodInfo, Record, Section, Settings, load_results, portable_path, save_results,
+)  # fmt: skip
 
-RESULTS_FILE = "results.json"
-RESULTS_VERSION = 1
 WARM_UP_PROMPTS = ("Hello! How are you?", "Write a haiku about autumn.", "List three prime numbers.")
 WARM_UP_TOKENS = 32
 
@@ -90,36 +90,31 @@ class BenchConfig:
         return [REFERENCE] + [m for m in dict.fromkeys(asked) if m != REFERENCE]
 
 
-def run_bench(config: BenchConfig) -> dict:
+def run_bench(config: BenchConfig) -> BenchRun:
     """Run every dtype section; write results.json (after each question) and the report.
     Ctrl-C or SIGTERM ends the run early: what was measured is kept, with status "interrupted"."""
-    from .report import render  # matplotlib is imported only when a report is drawn
-
     config.check()
-    results = resumed_results(config) if config.resume else None
-    results = results or {
-        "version": RESULTS_VERSION,
-        "status": "running",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine_info(),
-        "settings": settings_of(config),
-        "sections": [],
-    }
+    run = resumed_run(config) if config.resume else None
+    run = run or BenchRun("running", now(), Machine(**machine_info()), settings_of(config))
     progress = BenchProgress(enabled=config.progress)
     try:
         with sigterm_interrupts():
             for dtype in config.dtypes:
-                run_section(config, dtype, results, progress)
-        results["status"] = "complete"
+                run_section(config, dtype, run, progress)
+        run.status = "complete"
     except KeyboardInterrupt:
-        results["status"] = "interrupted"
+        run.status = "interrupted"
     finally:
         progress.close()
         # Nothing is written before the first measurement: a bad option leaves no file behind.
-        if any(section["records"] for section in results["sections"]):
-            save_results(results, config.out)
+        if run.measured:
+            save_results(run, config.out)
             render(config.out)
-    return results
+    return run
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 @contextmanager
@@ -140,34 +135,48 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
-def resumed_results(config: BenchConfig) -> dict | None:
+def resumed_run(config: BenchConfig) -> BenchRun | None:
     """The earlier run in `out`, to be continued; None if there is none. Refused if its settings
     or its CPU differ: the rows of one report must come from one setup."""
     if not (config.out / RESULTS_FILE).is_file():
         return None
-    results = load_results(config.out)
-    if results["settings"] != json.loads(json.dumps(settings_of(config))):  # as stored: lists, not tuples
+    run = load_results(config.out)
+    if run.settings != settings_of(config):
         raise InvalidOptionError(f"cannot resume {config.out}: it was run with other settings")
-    if results["machine"]["cpu"] != machine_info()["cpu"]:
-        raise InvalidOptionError(f"cannot resume {config.out}: it was run on another CPU ({results['machine']['cpu']})")
-    results["status"] = "running"
-    results.setdefault("resumed", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
-    return results
+    if run.machine.cpu != machine_info()["cpu"]:
+        raise InvalidOptionError(f"cannot resume {config.out}: it was run on another CPU ({run.machine.cpu})")
+    run.status = "running"
+    run.resumed.append(now())
+    return run
 
 
-def settings_of(config: BenchConfig) -> dict:
-    settings = asdict(config)
-    settings.pop("questions")
-    settings.pop("progress")
-    settings.pop("resume")
-    settings["out"] = str(config.out)
-    settings["questions"] = len(config.questions)
-    settings["turns"] = sum(len(q.turns) for q in config.questions)
-    settings["categories"] = list(dict.fromkeys(q.category for q in config.questions))
-    return settings
+def settings_of(config: BenchConfig) -> Settings:
+    """The config as results keep it: questions counted, paths made portable."""
+    return Settings(
+        out=portable_path(config.out),
+        question_source=portable_path(config.question_source),  # a file, or the name of the default set
+        model=portable_path(config.model),
+        dtypes=tuple(config.dtypes),
+        methods=tuple(config.methods) if config.methods is not None else None,
+        trees=tuple(config.trees) if config.trees is not None else None,
+        max_new_tokens=config.max_new_tokens,
+        temperatures=tuple(config.temperatures),
+        repeats=config.repeats,
+        draft_model=config.draft_model and portable_path(config.draft_model),
+        draft=config.draft and portable_path(config.draft),
+        datastore=config.datastore and portable_path(config.datastore),
+        pld_tokens=config.pld_tokens,
+        pld_ngram=config.pld_ngram,
+        llamacpp_pld_tokens=config.llamacpp_pld_tokens,
+        warm_up=config.warm_up,
+        cost_curve=config.cost_curve,
+        questions=len(config.questions),
+        turns=sum(len(q.turns) for q in config.questions),
+        categories=tuple(dict.fromkeys(q.category for q in config.questions)),
+    )
 
 
-def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchProgress) -> None:
+def run_section(config: BenchConfig, dtype: str, run: BenchRun, progress: BenchProgress) -> None:
     start = time.perf_counter()
     factory = MethodFactory(
         config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram, config.llamacpp_pld_tokens,
@@ -175,47 +184,41 @@ def run_section(config: BenchConfig, dtype: str, results: dict, progress: BenchP
     )  # fmt: skip
     before = current_rss_bytes()
     generator = factory.generator
-    done = next((old for old in results["sections"] if old["dtype"] == generator.dtype), None)
-    section = {
-        "dtype": generator.dtype,
-        "dtype_reason": generator.dtype_reason,
-        "runner": generator.runner_name,
-        "loop": getattr(generator.runner, "loop", None),
-        "default_tree": generator.tree_name,
-        "tree_reason": generator.tree_reason,
-        "model_memory_bytes": current_rss_bytes() - before,
+    done = next((old for old in run.sections if old.dtype == generator.dtype), None)
+    section = Section(
+        dtype=generator.dtype,
+        dtype_reason=generator.dtype_reason,
+        runner=generator.runner_name,
+        loop=getattr(generator.runner, "loop", None),
+        default_tree=generator.tree_name,
+        tree_reason=generator.tree_reason,
+        model_memory_bytes=current_rss_bytes() - before,
         # The tuning profile (if any) predicts each fixed tree's tokens per step and speed.
-        "profile": profile.to_json() if (profile := load_profile(generator)) else None,
-        "methods": {},
-        "unavailable": {},
-        "cost_curves": {},
-        "records": [],
-        "wall_seconds": 0.0,
-    }
+        profile=profile.to_json() if (profile := load_profile(generator)) else None,
+    )
     if done is not None:  # resuming: keep what was measured
-        section.update(records=done["records"], cost_curves=done["cost_curves"], wall_seconds=done["wall_seconds"])
-        results["sections"].remove(done)
-    results["sections"].append(section)
+        section.records, section.cost_curves, section.wall_seconds = done.records, done.cost_curves, done.wall_seconds
+        run.sections.remove(done)
+    run.sections.append(section)
     methods = build_methods(factory, config, section)
     warm_up(methods, generator, config.warm_up, section)
-    if config.cost_curve and not section["cost_curves"]:
+    if config.cost_curve and not section.cost_curves:
         progress.note(f"{generator.dtype}: measuring the runners' cost curves")
-        curves = forward_costs(factory.cost_runners(methods))
-        section["cost_curves"] = {runner: {str(n): ms for n, ms in costs.items()} for runner, costs in curves.items()}
-    measured = {record["question_id"] for record in section["records"]}  # whole questions only
+        section.cost_curves = forward_costs(factory.cost_runners(methods))
+    measured = {record.question_id for record in section.records}  # whole questions only
     remaining = [q for q in config.questions if q.question_id not in measured]
     progress.add_work(sum(len(q.turns) for q in remaining) * len(methods) * config.repeats)
     turns_before = 0
-    earlier_wall = section["wall_seconds"]
+    earlier_wall = section.wall_seconds
     for question in config.questions:
         if question.question_id not in measured:
-            section["records"] += run_question(question, methods, generator, config, progress, turns_before)
-            section["wall_seconds"] = earlier_wall + time.perf_counter() - start
-            save_results(results, config.out)
+            section.records += run_question(question, methods, generator, config, progress, turns_before)
+            section.wall_seconds = earlier_wall + time.perf_counter() - start
+            save_results(run, config.out)
         turns_before += len(question.turns)
 
 
-def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) -> list[Method]:
+def build_methods(factory: MethodFactory, config: BenchConfig, section: Section) -> list[Method]:
     """Each method asked for; one that cannot run here is an error when asked for by name and
     a note in the report when it was only part of the default set."""
     methods = []
@@ -231,22 +234,17 @@ def build_methods(factory: MethodFactory, config: BenchConfig, section: dict) ->
             except MethodUnavailable as exc:
                 if config.methods is not None and base in config.methods:
                     raise MethodUnavailable(f"method {name}: {exc}") from None
-                section["unavailable"][name + temperature_suffix(temperature)] = str(exc)
+                section.unavailable[name + temperature_suffix(temperature)] = str(exc)
                 continue
             methods.append(method)
-            section["methods"][method.name] = {
-                "base": base,
-                "baseline": method.baseline,
-                "description": method.description,
-                "settings": method.settings,
-                "temperature": temperature,
-                "memory_added_bytes": max(current_rss_bytes() - before, 0),
-                "drafter_bytes": method.drafter_bytes,
-            }
+            section.methods[method.name] = MethodInfo(
+                base, method.baseline, method.description, method.settings, temperature,
+                memory_added_bytes=max(current_rss_bytes() - before, 0), drafter_bytes=method.drafter_bytes,
+            )  # fmt: skip
     return methods
 
 
-def warm_up(methods: list[Method], generator, prompts: int, section: dict) -> None:
+def warm_up(methods: list[Method], generator, prompts: int, section: Section) -> None:
     """Each method decodes a few short prompts first: one-off costs (allocation, kernel choice,
     a hot start's table) are paid outside the timing, on text that is not benchmarked."""
     for prompt in WARM_UP_PROMPTS[:prompts]:
@@ -255,12 +253,12 @@ def warm_up(methods: list[Method], generator, prompts: int, section: dict) -> No
             try:
                 method.run(ids, WARM_UP_TOKENS)
             except Exception as exc:  # recorded; the method's prompts will show it too
-                section["methods"][method.name]["warm_up_error"] = one_line(exc)
+                section.methods[method.name].warm_up_error = one_line(exc)
 
 
 def run_question(
     question: Question, methods: list[Method], generator, config: BenchConfig, progress: BenchProgress, turns_before: int
-) -> list[dict]:
+) -> list[Record]:
     records = []
     messages: list[dict] = []
     for turn, text in enumerate(question.turns):
@@ -277,10 +275,10 @@ def run_question(
                 runs[method.name].append(run_once(method, prompt_ids, config.max_new_tokens))
         turn_records = [record_of(question, turn, len(prompt_ids), name, outcome) for name, outcome in runs.items()]
         records += turn_records
-        answer = next((r for r in turn_records if r["status"] == "ok"), None)  # the reference's, if it ran
+        answer = next((r for r in turn_records if r.ok), None)  # the reference's, if it ran
         if answer is None:
             break
-        messages.append({"role": "assistant", "content": generator.tokenizer.decode(answer["token_ids"], skip_special_tokens=True)})
+        messages.append({"role": "assistant", "content": generator.tokenizer.decode(answer.token_ids, skip_special_tokens=True)})
     return records
 
 
@@ -300,60 +298,29 @@ def run_once(method: Method, prompt_ids: np.ndarray, max_new_tokens: int) -> tup
     return outcome, peak_rss_bytes()
 
 
-def record_of(question: Question, turn: int, prompt_tokens: int, method: str, outcomes: list) -> dict:
+def record_of(question: Question, turn: int, prompt_tokens: int, method: str, outcomes: list) -> Record:
     failures = [run for run, _ in outcomes if isinstance(run, Exception)]
     if failures:
         return failed_record(question, turn, method, failures[0], prompt_tokens)
     runs = [run for run, _ in outcomes]
     first = runs[0]
-    return {
-        **record_key(question, turn, method, prompt_tokens),
-        "status": "ok",
-        "error": None,
-        "seconds": [run.seconds for run in runs],
-        "new_tokens": len(first.token_ids),
-        "tokens_per_s": statistics.median(len(run.token_ids) / run.seconds for run in runs),
-        "accepted_lengths": first.accepted_lengths,
-        "token_ids": first.token_ids,
-        "peak_rss_bytes": max(peak for _, peak in outcomes),
-        **({"details": runs[-1].details} if runs[-1].details else {}),
-    }
+    return Record(
+        question.question_id, question.category, turn, prompt_tokens, method, "ok",
+        seconds=[run.seconds for run in runs],
+        new_tokens=len(first.token_ids),
+        tokens_per_s=statistics.median(len(run.token_ids) / run.seconds for run in runs),
+        accepted_lengths=first.accepted_lengths,
+        token_ids=first.token_ids,
+        peak_rss_bytes=max(peak for _, peak in outcomes),
+        details=runs[-1].details or None,
+    )  # fmt: skip
 
 
-def failed_record(question: Question, turn: int, method: str, error: Exception, prompt_tokens: int = 0) -> dict:
-    return {**record_key(question, turn, method, prompt_tokens), "status": "failed", "error": one_line(error)}
-
-
-def record_key(question: Question, turn: int, method: str, prompt_tokens: int) -> dict:
-    return {
-        "question_id": question.question_id,
-        "category": question.category,
-        "turn": turn,
-        "prompt_tokens": prompt_tokens,
-        "method": method,
-    }
+def failed_record(question: Question, turn: int, method: str, error: Exception, prompt_tokens: int = 0) -> Record:
+    return Record(question.question_id, question.category, turn, prompt_tokens, method, "failed", one_line(error))
 
 
 def one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
-
-def save_results(results: dict, out: Path) -> None:
-    """Write results.json whole or not at all: a crash or Ctrl-C mid-write keeps the last good file."""
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / RESULTS_FILE
-    staging = target.with_suffix(".json.partial")
-    staging.write_text(json.dumps(results, indent=1))
-    os.replace(staging, target)
-
-
-def load_results(out: Path) -> dict:
-    path = Path(out) / RESULTS_FILE
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidOptionError(f"cannot read {path}: {one_line(exc)}") from None
-    if not isinstance(results, dict) or results.get("version") != RESULTS_VERSION:
-        raise InvalidOptionError(f"{path} is not a tokenrecycle bench result (version {RESULTS_VERSION})")
-    return results

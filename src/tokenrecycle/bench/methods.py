@@ -43,6 +43,7 @@ from ..models import LoadedModel, load_model, resolve
 from ..runners import HFRunner
 from ..sampling import Sampling
 from .metrics import temperature_suffix
+from .results import portable_path
 
 BASE_METHODS = (
     "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto",
@@ -293,8 +294,9 @@ class MethodFactory:
         g = self.generator
         draft = self.draft or f"early-exit:{max(1, g.model.config.num_hidden_layers // 4)}"
         drafter = g.draft_model_drafter(draft, branching, adaptive, beam)
-        settings = {"draft": draft, "branching": list(branching), "adaptive_length": adaptive, "beam": beam}
-        description = f"{kind}, drafts from {draft}"
+        shown = portable_path(draft)  # a draft model's name, not where it lies
+        settings = {"draft": shown, "branching": list(branching), "adaptive_length": adaptive, "beam": beam}
+        description = f"{kind}, drafts from {shown}"
         return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, generator=g, drafter=drafter)
 
     def _lookup(self, v: Variant):
@@ -316,7 +318,8 @@ class MethodFactory:
         drafter = self.generator.train_free_drafter(kind, store)
         settings = {"drafter": kind, "tree": self.generator.tree_name}
         if retrieves:
-            settings.update(datastore=self.datastore, datastore_tokens=store.tokens if store else 0)
+            datastore = self.datastore and portable_path(self.datastore)
+            settings.update(datastore=datastore, datastore_tokens=store.tokens if store else 0)
         if isinstance(drafter, AutoDrafter):
             settings["arms"] = drafter.arm_names
         return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, generator=self.generator, drafter=drafter)
@@ -328,11 +331,12 @@ class MethodFactory:
         if not self.draft_model:
             raise MethodUnavailable("needs a draft model that shares the tokenizer (--draft-model)")
         draft = load_model(self.draft_model, self.generator.dtype)
+        shown = portable_path(self.draft_model)
         if draft.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
-            raise MethodUnavailable(f"draft model {self.draft_model} does not share the target's tokenizer")
+            raise MethodUnavailable(f"draft model {shown} does not share the target's tokenizer")
         return self._transformers(
-            v, REFERENCE, f"transformers assisted decoding, draft {self.draft_model}",
-            {"assistant_model": draft.model}, settings={"draft_model": self.draft_model},
+            v, REFERENCE, f"transformers assisted decoding, draft {shown}",
+            {"assistant_model": draft.model}, settings={"draft_model": shown},
         )  # fmt: skip
 
     def _llamacpp(self, v: Variant):
@@ -372,7 +376,7 @@ class MethodFactory:
         module = self._llama_cpp_module()
         gguf = resolve(self.model_spec)
         if gguf.suffix != ".gguf":
-            raise MethodUnavailable(f"llama.cpp needs a GGUF model, not {gguf}")
+            raise MethodUnavailable(f"llama.cpp needs a GGUF model, not {portable_path(gguf)}")
         llm = module.Llama(
             model_path=str(gguf), n_ctx=self.generator.runner.max_context, n_threads=torch.get_num_threads(),
             verbose=False, **options,

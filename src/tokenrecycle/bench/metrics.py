@@ -1,4 +1,4 @@
-"""From per-prompt records to the numbers of a report. Pure functions over results.json's data.
+"""From per-prompt records to the numbers of a report. Pure functions over a results Section.
 
 - tokens/s: per prompt the median over repeats; per category the median over prompts.
 - speedup: a method's median tokens/s over its baseline's (plain decoding on its own runtime),
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..trees.design import TreePlan, expected_tokens, plans_by_size, step_cost
 from ..tuning import MAX_TREE_NODES, mean_cost, parse_path
+from .results import Record, Section
 
 OVERALL = "overall"
 NAN = float("nan")
@@ -39,35 +40,35 @@ class MethodStats:
     accepted: dict[int, int] = field(default_factory=dict)  # accepted length -> forward passes
 
 
-def categories(section: dict) -> list[str]:
-    return list(dict.fromkeys(r["category"] for r in section["records"]))
+def categories(section: Section) -> list[str]:
+    return list(dict.fromkeys(r.category for r in section.records))
 
 
-def baseline_of(section: dict, method: str) -> str | None:
+def baseline_of(section: Section, method: str) -> str | None:
     """The method's own baseline where it ran, else the reference; None for the reference."""
-    info = section["methods"][method]
-    if info["baseline"] is None:
+    baseline = section.methods[method].baseline
+    if baseline is None:
         return None
-    return info["baseline"] if info["baseline"] in section["methods"] else reference_of(section)
+    return baseline if baseline in section.methods else reference_of(section)
 
 
-def reference_of(section: dict) -> str:
-    return next(name for name, info in section["methods"].items() if info["baseline"] is None)
+def reference_of(section: Section) -> str:
+    return next(name for name, info in section.methods.items() if info.baseline is None)
 
 
-def summarize(section: dict) -> dict[str, dict[str, MethodStats]]:
+def summarize(section: Section) -> dict[str, dict[str, MethodStats]]:
     """stats[method][category], with OVERALL over all prompts."""
-    groups = {c: [r for r in section["records"] if r["category"] == c] for c in categories(section)}
-    groups[OVERALL] = section["records"]
-    stats = {m: {c: group_stats([r for r in rs if r["method"] == m]) for c, rs in groups.items()} for m in section["methods"]}
+    groups = {c: [r for r in section.records if r.category == c] for c in categories(section)}
+    groups[OVERALL] = section.records
+    stats = {m: {c: group_stats([r for r in rs if r.method == m]) for c, rs in groups.items()} for m in section.methods}
     reference = reference_of(section)
-    for method in section["methods"]:
+    for method in section.methods:
         baseline = baseline_of(section, method)
         for category, records in groups.items():
             own = stats[method][category]
             if baseline is not None:
                 own.speedup = ratio(own.tokens_per_s, stats[baseline][category].tokens_per_s)
-                if not section["methods"][method].get("temperature"):  # samples are not compared token by token
+                if not section.methods[method].temperature:  # samples are not compared token by token
                     own.identical, own.first_divergence = exactness(records, method, baseline)
             else:  # the reference is its own baseline
                 own.speedup = ratio(own.tokens_per_s, own.tokens_per_s)
@@ -93,13 +94,13 @@ class PairedComparison:
         return "faster" if self.low > 1 else "slower" if self.high < 1 else "within noise"
 
 
-def against_best_rival(section: dict, stats, method: str = "auto", rivals=SINGLE_DRAFTERS, resamples: int = 2000) -> list[PairedComparison]:
+def against_best_rival(section: Section, stats, method: str = "auto", rivals=SINGLE_DRAFTERS, resamples: int = 2000) -> list[PairedComparison]:
     """Per category (and overall), `method` against the rival with the best speedup there, turn by
     turn: one method's speed varies more between prompts than between methods on one prompt."""
-    rivals = [r for r in rivals if r in section["methods"]]
-    if method not in section["methods"] or not rivals:
+    rivals = [r for r in rivals if r in section.methods]
+    if method not in section.methods or not rivals:
         return []
-    speed = {(r["category"], r["question_id"], r["turn"], r["method"]): r["tokens_per_s"] for r in section["records"] if r["status"] == "ok"}
+    speed = {(r.category, r.question_id, r.turn, r.method): r.tokens_per_s for r in section.records if r.ok}
     rng = np.random.default_rng(0)  # the same records give the same interval
     found = []
     for category in [*categories(section), OVERALL]:
@@ -119,37 +120,37 @@ def temperature_suffix(temperature: float) -> str:
     return f"~t{temperature:g}" if temperature > 0 else ""
 
 
-def by_temperature(section: dict, stats: dict[str, dict[str, MethodStats]]) -> dict[str, dict[float, MethodStats]]:
+def by_temperature(section: Section, stats: dict[str, dict[str, MethodStats]]) -> dict[str, dict[float, MethodStats]]:
     """Overall stats of each method at each temperature it ran at, keyed by its greedy name."""
     table: dict[str, dict[float, MethodStats]] = {}
-    for method, info in section["methods"].items():
-        temperature = float(info.get("temperature") or 0.0)
+    for method, info in section.methods.items():
+        temperature = info.temperature
         suffix = temperature_suffix(temperature)
         name = method[: -len(suffix)] if suffix and method.endswith(suffix) else method
         table.setdefault(name, {})[temperature] = stats[method][OVERALL]
     return table
 
 
-def group_stats(records: list[dict]) -> MethodStats:
-    ok = [r for r in records if r["status"] == "ok"]
+def group_stats(records: list[Record]) -> MethodStats:
+    ok = [r for r in records if r.ok]
     stats = MethodStats(prompts=len(ok), failed=len(records) - len(ok))
     if not ok:
         return stats
-    stats.tokens_per_s = statistics.median(r["tokens_per_s"] for r in ok)
-    stats.mat = sum(r["new_tokens"] for r in ok) / sum(len(r["accepted_lengths"]) for r in ok)
-    stats.accepted = dict(sorted(Counter(n for r in ok for n in r["accepted_lengths"]).items()))
-    stats.peak_rss_bytes = max(r["peak_rss_bytes"] for r in ok)
-    stats.seconds = sum(sum(r["seconds"]) for r in ok)
+    stats.tokens_per_s = statistics.median(r.tokens_per_s for r in ok)
+    stats.mat = sum(r.new_tokens for r in ok) / sum(len(r.accepted_lengths) for r in ok)
+    stats.accepted = dict(sorted(Counter(n for r in ok for n in r.accepted_lengths).items()))
+    stats.peak_rss_bytes = max(r.peak_rss_bytes for r in ok)
+    stats.seconds = sum(sum(r.seconds) for r in ok)
     return stats
 
 
-def exactness(records: list[dict], method: str, baseline: str) -> tuple[float, float]:
+def exactness(records: list[Record], method: str, baseline: str) -> tuple[float, float]:
     """Share of prompts with token ids identical to the baseline's, and the mean first divergence."""
-    outputs = {(r["question_id"], r["turn"]): r["token_ids"] for r in records if r["method"] == baseline and r["status"] == "ok"}
+    outputs = {(r.question_id, r.turn): r.token_ids for r in records if r.method == baseline and r.ok}
     pairs = [
-        (r["token_ids"], outputs[key])
+        (r.token_ids, outputs[key])
         for r in records
-        if r["method"] == method and r["status"] == "ok" and (key := (r["question_id"], r["turn"])) in outputs
+        if r.method == method and r.ok and (key := (r.question_id, r.turn)) in outputs
     ]
     if not pairs:
         return float("nan"), float("nan")
@@ -185,9 +186,9 @@ class TreeCheck:
     # accepted, so the prediction is a lower bound
 
 
-def profile_rates_and_cost(section: dict) -> tuple[dict, dict[int, float]] | None:
+def profile_rates_and_cost(section: Section) -> tuple[dict, dict[int, float]] | None:
     """The acceptance rates and the mean cost curve of the section's tuning profile, if it had one."""
-    profile = section.get("profile")
+    profile = section.profile
     if not profile:
         return None
     rates = {parse_path(p): v["rate"] for p, v in profile["acceptance"].items()}
@@ -195,23 +196,22 @@ def profile_rates_and_cost(section: dict) -> tuple[dict, dict[int, float]] | Non
     return rates, cost
 
 
-def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list[TreeCheck]:
+def tree_checks(section: Section, stats: dict[str, dict[str, MethodStats]]) -> list[TreeCheck]:
     """For each greedy Token Recycling method on the profiled runner with one tree for every step."""
     profiled = profile_rates_and_cost(section)
     if profiled is None:
         return []
     rates, cost = profiled
     checks = []
-    for method, info in section["methods"].items():
-        settings = info["settings"]
-        if info["base"] not in ("tr", "tr-cold") or "paths" not in settings or info.get("temperature"):
+    for method, info in section.methods.items():
+        if info.base not in ("tr", "tr-cold") or "paths" not in info.settings or info.temperature:
             continue  # the profile's rates are greedy acceptance: they predict greedy runs only
-        paths = [tuple(p) for p in settings["paths"]]
+        paths = [tuple(p) for p in info.settings["paths"]]
         known = [p for p in paths if all(p[:i] in rates for i in range(1, len(p) + 1))]
         predicted = expected_tokens(known, rates)
-        ok = [r for r in section["records"] if r["method"] == method and r["status"] == "ok" and len(r["accepted_lengths"]) > 1]
-        decoded = sum(sum(r["accepted_lengths"][1:]) for r in ok)
-        passes = sum(len(r["accepted_lengths"]) - 1 for r in ok)
+        ok = [r for r in section.records if r.method == method and r.ok and len(r.accepted_lengths) > 1]
+        decoded = sum(sum(r.accepted_lengths[1:]) for r in ok)
+        passes = sum(len(r.accepted_lengths) - 1 for r in ok)
         checks.append(TreeCheck(
             method, len(paths), max((len(p) for p in paths), default=0), predicted, decoded / passes if passes else NAN,
             1000.0 * predicted / step_cost(cost, len(paths) + 1), stats[method][OVERALL].tokens_per_s,
@@ -220,7 +220,7 @@ def tree_checks(section: dict, stats: dict[str, dict[str, MethodStats]]) -> list
     return sorted(checks, key=lambda check: check.nodes)
 
 
-def profile_frontier(section: dict, max_nodes: int = MAX_TREE_NODES) -> list[TreePlan]:
+def profile_frontier(section: Section, max_nodes: int = MAX_TREE_NODES) -> list[TreePlan]:
     """What the profile predicts for the best tree of every size: the curve the tuner chose from."""
     profiled = profile_rates_and_cost(section)
     return plans_by_size(*profiled, max_nodes) if profiled else []

@@ -11,12 +11,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .metrics import OVERALL, categories  # noqa: E402
+from .results import Section  # noqa: E402
 
 
-def plot_speedups(section: dict, stats, path: Path) -> Path:
+def plot_speedups(section: Section, stats, path: Path) -> Path:
     """Grouped bars: per category (and overall), one bar per method that has a baseline."""
     cats = [*categories(section), OVERALL]
-    methods = [m for m, info in section["methods"].items() if info["baseline"] is not None]
+    methods = [m for m, info in section.methods.items() if info.baseline is not None]
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cats)), 4.5))
     for index, method in enumerate(methods):
@@ -25,14 +26,14 @@ def plot_speedups(section: dict, stats, path: Path) -> Path:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(cats)) + width * (len(methods) - 1) / 2, cats, rotation=30, ha="right")
     ax.set_ylabel("speedup over own baseline")
-    ax.set_title(f"Speedup by category, {section['dtype']}")
+    ax.set_title(f"Speedup by category, {section.dtype}")
     ax.legend(fontsize="small", ncols=2)
     return _save(fig, path)
 
 
-def plot_accepted_lengths(section: dict, stats, path: Path) -> Path:
+def plot_accepted_lengths(section: Section, stats, path: Path) -> Path:
     """Share of forward passes that decided 1, 2, 3, ... tokens, per drafting method."""
-    methods = [m for m in section["methods"] if len(stats[m][OVERALL].accepted) > 1]
+    methods = [m for m in section.methods if len(stats[m][OVERALL].accepted) > 1]
     fig, ax = plt.subplots(figsize=(7, 4))
     for method in methods:
         counts = stats[method][OVERALL].accepted
@@ -41,26 +42,25 @@ def plot_accepted_lengths(section: dict, stats, path: Path) -> Path:
         ax.plot(lengths, [counts[n] / total for n in lengths], marker="o", label=method)
     ax.set_xlabel("tokens decided per forward pass")
     ax.set_ylabel("share of forward passes")
-    ax.set_title(f"Accepted lengths, {section['dtype']}")
+    ax.set_title(f"Accepted lengths, {section.dtype}")
     if methods:
         ax.legend(fontsize="small")
     return _save(fig, path)
 
 
-def plot_cost_curves(section: dict, path: Path) -> Path | None:
+def plot_cost_curves(section: Section, path: Path) -> Path | None:
     """Forward time against the number of tree tokens, per runner (log-log)."""
-    curves = section["cost_curves"]
+    curves = section.cost_curves
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for runner, costs in curves.items():
-        sizes = [int(n) for n in costs]
-        ax.plot(sizes, list(costs.values()), marker="o", label=runner)
+        ax.plot(list(costs), list(costs.values()), marker="o", label=runner)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("tree tokens per forward pass")
     ax.set_ylabel("ms per forward pass")
-    ax.set_title(f"Runner cost curve, {section['dtype']}")
+    ax.set_title(f"Runner cost curve, {section.dtype}")
     ax.legend(fontsize="small")
     return _save(fig, path)
 

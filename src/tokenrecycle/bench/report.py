@@ -1,4 +1,4 @@
-"""report.md and the plots, rebuilt from results.json alone (`tokenrecycle bench --render DIR`).
+"""report.md and the plots, drawn from a run's results alone (`tokenrecycle bench --render DIR`).
 
 One part per dtype, laid out like the Token Recycling paper's table: speedup per category, then
 MAT, tokens/s and the overall speedup; then the details (exactness, memory, failures), the
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .harness import load_results
 from .metrics import (
     OVERALL, MethodStats, against_best_rival, baseline_of, by_temperature, categories, profile_frontier, summarize, tree_checks,
 )  # fmt: skip
 from .plots import plot_accepted_lengths, plot_cost_curves, plot_speedups, plot_tree_checks
+from .results import BenchRun, Section, load_results
 
 REPORT_FILE = "report.md"
 MIB = 1 << 20
@@ -22,14 +22,14 @@ MIB = 1 << 20
 def render(out: str | Path) -> Path:
     """Write report.md and the PNG plots of a results directory; return the report's path."""
     out = Path(out)
-    results = load_results(out)
-    parts = [header(results)]
-    for section in results["sections"]:
-        if not section["records"]:
+    run = load_results(out)
+    parts = [header(run)]
+    for section in run.sections:
+        if not section.records:
             continue
         stats = summarize(section)
         checks = tree_checks(section, stats)
-        dtype = section["dtype"]
+        dtype = section.dtype
         plots = [
             plot_speedups(section, stats, out / f"speedup_{dtype}.png"),
             plot_accepted_lengths(section, stats, out / f"accepted_{dtype}.png"),
@@ -42,33 +42,33 @@ def render(out: str | Path) -> Path:
     return path
 
 
-def header(results: dict) -> str:
-    machine, settings = results["machine"], results["settings"]
-    status = "" if results["status"] == "complete" else f"\n\n**Partial run ({results['status']}).**"
-    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+def header(run: BenchRun) -> str:
+    machine, settings = run.machine, run.settings
+    status = "" if run.status == "complete" else f"\n\n**Partial run ({run.status}).**"
+    versions = ", ".join(f"{k} {v}" for k, v in machine.versions.items())
     return (
-        f"# tokenrecycle bench: {settings['model']}{status}\n\n"
-        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} threads; {versions}\n"
-        f"- Prompts: {settings['questions']} questions ({settings['turns']} turns) from {settings['question_source']}; "
-        f"categories: {', '.join(settings['categories'])}\n"
-        f"- {decoding_text(settings.get('temperatures', [0.0]))}, up to {settings['max_new_tokens']} new tokens per turn, {settings['repeats']} repeat(s), "
-        f"{settings['warm_up']} warm-up prompts; methods interleaved per prompt in rotating order; started {results['started']}\n"
+        f"# tokenrecycle bench: {settings.model}{status}\n\n"
+        f"- Machine: {machine.cpu}, {machine.cores} cores, {machine.torch_threads} threads; {versions}\n"
+        f"- Prompts: {settings.questions} questions ({settings.turns} turns) from {settings.question_source}; "
+        f"categories: {', '.join(settings.categories)}\n"
+        f"- {decoding_text(settings.temperatures)}, up to {settings.max_new_tokens} new tokens per turn, {settings.repeats} repeat(s), "
+        f"{settings.warm_up} warm-up prompts; methods interleaved per prompt in rotating order; started {run.started}\n"
         "- tokens/s: median over prompts. Speedup: ratio of a method's median tokens/s to its baseline's "
         "(plain decoding on its own runtime). MAT: new tokens per forward pass of the target, prefill included."
     )
 
 
-def decoding_text(temperatures: list[float]) -> str:
+def decoding_text(temperatures: tuple[float, ...]) -> str:
     sampled = [f"{t:g}" for t in temperatures if t > 0]
     greedy = "greedy decoding" if 0 in temperatures else ""
     samples = f"sampling at temperature {', '.join(sampled)} (top-k 50; methods named ~tT)" if sampled else ""
     return " and ".join(part for part in (greedy, samples) if part).capitalize()
 
 
-def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], checks, plots: list[Path]) -> str:
+def section_report(section: Section, stats: dict[str, dict[str, MethodStats]], checks, plots: list[Path]) -> str:
     parts = [
-        f"## {section['dtype']} ({section['dtype_reason']}; runner {section['runner']}"
-        + (f" ({section['loop']})" if section.get("loop") else "") + f", default tree {section['default_tree']})",
+        f"## {section.dtype} ({section.dtype_reason}; runner {section.runner}"
+        + (f" ({section.loop})" if section.loop else "") + f", default tree {section.default_tree})",
         "### Speedup by category, MAT, tokens/s and overall speedup\n\n" + paper_table(section, stats),
         "### Details (all prompts)\n\n" + details_table(section, stats),
         "### MAT by category\n\n" + category_table(section, stats, lambda s: fmt(s.mat)),
@@ -84,8 +84,8 @@ def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], chec
         parts.append("### auto against the best single drafter (paired per turn)\n\n" + paired_table(paired, stats))
     if checks:
         parts.append("### Trees: predicted by the tuning profile and measured\n\n" + checks_table(checks))
-    if section["cost_curves"]:
-        parts.append("### Runner cost: ms for one forward pass of n tree tokens on 256 cached tokens (ratio to n=1)\n\n" + cost_table(section["cost_curves"]))
+    if section.cost_curves:
+        parts.append("### Runner cost: ms for one forward pass of n tree tokens on 256 cached tokens (ratio to n=1)\n\n" + cost_table(section.cost_curves))
     parts.append(methods_list(section))
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     failures = failure_list(section)
@@ -94,10 +94,10 @@ def section_report(section: dict, stats: dict[str, dict[str, MethodStats]], chec
     return "\n\n".join(parts)
 
 
-def paper_table(section: dict, stats) -> str:
+def paper_table(section: Section, stats) -> str:
     cats = categories(section)
     rows = [["method", *cats, "MAT", "tokens/s", "overall speedup"]]
-    for method in section["methods"]:
+    for method in section.methods:
         overall = stats[method][OVERALL]
         rows.append([method, *(fmt_x(stats[method][c].speedup) for c in cats), fmt(overall.mat), fmt(overall.tokens_per_s, 1), fmt_x(overall.speedup)])
     return markdown(rows)
@@ -132,25 +132,25 @@ def paired_table(paired, stats) -> str:
     return markdown(rows)
 
 
-def details_table(section: dict, stats) -> str:
+def details_table(section: Section, stats) -> str:
     rows = [[
         "method", "baseline", "tokens/s", "speedup", "vs model.generate", "MAT", "identical to baseline",
         "first divergence (mean token)", "peak RSS MiB", "memory added MiB", "drafter bytes", "wall s", "failed",
     ]]  # fmt: skip
-    for method, info in section["methods"].items():
+    for method, info in section.methods.items():
         s = stats[method][OVERALL]
         rows.append([
             method, baseline_of(section, method) or "(reference)", fmt(s.tokens_per_s, 1), fmt_x(s.speedup),
             fmt_x(s.vs_reference), fmt(s.mat), fmt_share(s.identical), fmt(s.first_divergence, 1),
-            f"{s.peak_rss_bytes / MIB:.0f}", f"{info['memory_added_bytes'] / MIB:.0f}", str(info.get("drafter_bytes", 0)),
+            f"{s.peak_rss_bytes / MIB:.0f}", f"{info.memory_added_bytes / MIB:.0f}", str(info.drafter_bytes),
             f"{s.seconds:.1f}", str(s.failed),
         ])  # fmt: skip
     return markdown(rows)
 
 
-def category_table(section: dict, stats, cell) -> str:
+def category_table(section: Section, stats, cell) -> str:
     cats = [*categories(section), OVERALL]
-    return markdown([["method", *cats]] + [[m, *(cell(stats[m][c]) for c in cats)] for m in section["methods"]])
+    return markdown([["method", *cats]] + [[m, *(cell(stats[m][c]) for c in cats)] for m in section.methods])
 
 
 def accepted_table(stats) -> str:
@@ -163,7 +163,7 @@ def accepted_table(stats) -> str:
     return markdown(rows)
 
 
-def cost_table(curves: dict[str, dict[str, float]]) -> str:
+def cost_table(curves: dict[str, dict[int, float]]) -> str:
     sizes = list(next(iter(curves.values())))
     rows = [["runner", *(f"n={n}" for n in sizes)]]
     for runner, costs in curves.items():
@@ -190,31 +190,31 @@ def bound(check) -> str:
     return "" if check.calibrated else "≥"
 
 
-def methods_list(section: dict) -> str:
-    reason = f" ({section['tree_reason']})" if section.get("tree_reason") else ""
-    lines = [f"### Methods\n\nDefault tree: {section['default_tree']}{reason}\n"]
-    for method, info in section["methods"].items():
-        settings = ", ".join(f"{k}={v}" for k, v in info["settings"].items() if k != "paths")
-        warning = f" **Warm-up failed: {info['warm_up_error']}**" if info.get("warm_up_error") else ""
-        lines.append(f"- `{method}`: {info['description']}" + (f" ({settings})" if settings else "") + warning + details_text(section, method))
-    lines += [f"- `{method}`: not run: {reason}" for method, reason in section["unavailable"].items()]
+def methods_list(section: Section) -> str:
+    reason = f" ({section.tree_reason})" if section.tree_reason else ""
+    lines = [f"### Methods\n\nDefault tree: {section.default_tree}{reason}\n"]
+    for method, info in section.methods.items():
+        settings = ", ".join(f"{k}={v}" for k, v in info.settings.items() if k != "paths")
+        warning = f" **Warm-up failed: {info.warm_up_error}**" if info.warm_up_error else ""
+        lines.append(f"- `{method}`: {info.description}" + (f" ({settings})" if settings else "") + warning + details_text(section, method))
+    lines += [f"- `{method}`: not run: {reason}" for method, reason in section.unavailable.items()]
     return "\n".join(lines)
 
 
-def details_text(section: dict, method: str) -> str:
+def details_text(section: Section, method: str) -> str:
     """The last counters a method reported (cumulative), e.g. the auto drafter's credit per drafter."""
-    details = next((r["details"] for r in reversed(section["records"]) if r["method"] == method and r.get("details")), None)
+    details = next((r.details for r in reversed(section.records) if r.method == method and r.details), None)
     if not details:
         return ""
     return ". " + "; ".join(f"{key}: " + ", ".join(f"{k} {v}" for k, v in values.items()) for key, values in details.items())
 
 
-def failure_list(section: dict, shown: int = 20) -> str:
-    failed = [r for r in section["records"] if r["status"] != "ok"]
+def failure_list(section: Section, shown: int = 20) -> str:
+    failed = [r for r in section.records if not r.ok]
     if not failed:
         return ""
     lines = [f"### Failures ({len(failed)})"]
-    lines += [f"- `{r['method']}` on {r['category']} {r['question_id']} turn {r['turn'] + 1}: {r['error']}" for r in failed[:shown]]
+    lines += [f"- `{r.method}` on {r.category} {r.question_id} turn {r.turn + 1}: {r.error}" for r in failed[:shown]]
     if len(failed) > shown:
         lines.append(f"- ... and {len(failed) - shown} more in results.json")
     return "\n".join(lines)
