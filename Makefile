@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(VENV)/bin/tokenrecycle generate --compare "$(PROMPT)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Default prompts: MT-Bench and HumanEval from installed packages; BENCH_ARGS adds options, e.g.
 # BENCH_ARGS="--questions ../shared/data/spec_bench/question.jsonl --per-category 10 --dtype bfloat16 float32"

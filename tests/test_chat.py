@@ -122,7 +122,7 @@ def test_chat_option_errors_are_one_line(capsys):
 
     code = main(["chat", "--stop", ""])
     assert code == 2 and capsys.readouterr().err.strip() == (
-        "tokenrecycle: error: --stop must not be empty (it would match before the first token)"
+        "tokenrecycle: error: a stop string must be a non-empty string (an empty one matches before the first token)"
     )
 
 

@@ -84,9 +84,9 @@ def test_auto_dtype_and_runner_are_reported(capsys):
     assert code == 0
     report = json.loads(out)
     assert report["dtype"] in ("float32", "bfloat16") and report["dtype_reason"].startswith("auto: ")
-    assert report["runner"] == "FastRunner"
+    assert report["runner"] == "fast"
     code, out, _ = run_cli(capsys, "--json", "--runner", "hf", "--dtype", "float32", "--max-new-tokens", "4", "Hi")
-    assert json.loads(out)["runner"] == "HFRunner" and json.loads(out)["dtype_reason"] == "asked for float32"
+    assert json.loads(out)["runner"] == "hf" and json.loads(out)["dtype_reason"] == "asked for float32"
 
 
 def test_int4_compares_with_plain_decoding_of_the_same_weights(capsys):
@@ -154,10 +154,10 @@ def test_api_raises_typed_errors(smollm2):
 
 def test_tree_names(smollm2, monkeypatch):
     smollm2.set_tree([])
-    assert smollm2.tree_name == "custom" and smollm2.template.num_nodes == 0
-    monkeypatch.setattr("tokenrecycle.generator.load_profile", lambda generator: None)  # not tuned here
+    assert smollm2.engine.tree.name == "custom" and smollm2.engine.tree.template.num_nodes == 0
+    monkeypatch.setattr("tokenrecycle.engine.read_profile", lambda key: (None, None))  # not tuned here
     smollm2.set_tree(None)
-    assert smollm2.tree_name == "tr4" and smollm2.template.num_nodes == 4  # the float32 default
+    assert smollm2.engine.tree.name == "tr4" and smollm2.engine.tree.template.num_nodes == 4  # the float32 default
     with pytest.raises(ModelNotFoundError):
         Generator("/no/such/model")
 
@@ -175,7 +175,7 @@ def test_json_with_compare(capsys):
     for key in ("text", "new_tokens", "steps", "mean_accepted", "tokens_per_s",
                 "baseline_tokens_per_s", "speedup", "identical", "drafter_bytes", "runner", "dtype_reason"):
         assert key in report
-    assert report["runner"] == "FastRunner" and report["baseline"] == "plain greedy model.generate"
+    assert report["runner"] == "fast" and report["baseline"] == "plain greedy model.generate"
     assert report["identical"] is True
     assert report["new_tokens"] <= 12
     assert report["mean_accepted"] == pytest.approx(report["new_tokens"] / report["steps"])
@@ -249,7 +249,7 @@ def test_undecodable_argument_bytes_in_a_process():
 
 def test_empty_stop_string_is_refused(capsys):
     code, out, err = run_cli(capsys, "hi", "--stop", "x", "--stop", "")
-    assert_one_line_error(code, err, "--stop must not be empty")
+    assert_one_line_error(code, err, "a stop string must be a non-empty string")
     assert out == ""
 
 

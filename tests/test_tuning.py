@@ -76,7 +76,7 @@ def test_profiles_are_invalidated_by_what_they_depend_on(tuned, tiny_model, monk
     path.write_text(saved[:-20])  # damaged: the static tree, and a line that says why
     assert load_profile(key) is None and "cannot be read" in read_profile(key)[1]
     damaged = Generator(tiny_model, dtype="float32")
-    assert damaged.engine.tree.name == "tr4" and "cannot be read" in damaged.engine.tree.reason
+    assert damaged.engine.tree.name == "tr4" and "cannot be read" in damaged.engine.tree.problem
     stale = json.loads(saved)
     stale["key"]["version"] = 0
     path.write_text(json.dumps(stale))

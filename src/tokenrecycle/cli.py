@@ -11,6 +11,8 @@ from pathlib import Path
 from .errors import InvalidOptionError, TokenRecycleError
 from .models import DEFAULT_MODEL, DTYPES
 from .runners import RUNNERS
+from .drafters.registry import DRAFTERS, TRAIN_FREE
+from .prompts import check_prompt_text
 from .trees.templates import TEMPLATES
 
 EXIT_BAD_INPUT = 2
@@ -64,7 +66,7 @@ def add_decoding_options(parser) -> None:
     parser.add_argument("--tree", default="auto", help=f"auto (default: the tree tuned for this machine, tuned on first use), adaptive (starts there and follows each request's acceptance), a named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or a JSON file of rank paths")
     parser.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile yet: use the static default tree instead of tuning")
     parser.add_argument("--tune-seconds", type=float, default=60.0, help="time for tuning on first use")
-    parser.add_argument("--drafter", choices=["recycling", "lookup", "retrieval", "merged", "auto"], default="recycling", help="train-free drafting: Token Recycling (default), prompt lookup, retrieval, all three merged, or auto (a bandit picks by tokens/s)")
+    parser.add_argument("--drafter", choices=TRAIN_FREE + ("plain",), default=None, help="train-free drafting: " + "; ".join(f"{name}: {DRAFTERS[name].description}" for name in TRAIN_FREE) + " (default recycling); plain: no drafts")
     parser.add_argument("--datastore", default=None, help="for retrieval, merged and auto: a datastore file from tokenrecycle index")
     parser.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
     parser.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
@@ -138,49 +140,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    prompt = prompt_of(args)
-    if not prompt.strip():
-        raise InvalidOptionError("the prompt is empty")
-    check_decoding_options(args)
-    sampling = sampling_of(args)
+    prompt = check_prompt_text(prompt_of(args))
+    request = request_settings(args)
     generator = prepared_generator(args)
-    chat = False if args.no_chat else None
-    generator.check_fits(generator.encode(prompt, chat), args.max_new_tokens)
+    prompt_ids = generator.encode(prompt, request.chat)  # once: the ids are what every run below decodes
+    generator.check_fits(prompt_ids, request.max_new_tokens)
     if args.compare:
-        warm_up(generator, chat)
+        warm_up(generator, request.chat)
     drafter = drafter_of(generator, args)
-    generation = generator.stream(prompt, args.max_new_tokens, args.stop, chat, drafter=drafter, sampling=sampling)
+    generation = generator.stream(prompt_ids, request.max_new_tokens, request.stop, drafter=drafter, sampling=request.sampling)
     for piece in generation:
         if not args.json:
             print(piece, end="", flush=True)
     result = generation.result
     if args.table:
         generator.save_table(args.table)
+    setup = generator.engine.describe(drafting_label(args))
     report = {
-        "model": args.model,
-        "dtype": generator.dtype,
-        "dtype_reason": generator.dtype_reason,
-        "runner": generator.runner_name,
-        "loop": getattr(generator.runner, "loop", None),
-        "quantize": args.quantize,
-        "tree": generator.tree_name if not args.draft else None,
+        **setup.to_dict(),
         "draft": args.draft,
-        "tree_reason": generator.tree_reason,
-        "sampling": asdict(sampling) if sampling else None,
-        "drafter_bytes": (drafter or generator.drafter).memory_bytes,
+        "sampling": asdict(request.sampling) if request.sampling else None,
+        "drafter_bytes": (drafter or generator.engine.recycling).memory_bytes,
         **result.to_dict(),
     }
     if not args.json:
-        drafting = f"draft {args.draft} ({args.draft_shape})" if args.draft else f"tree {generator.tree_name}"
-        drafting = drafting if args.drafter == "recycling" else f"drafter {args.drafter}"
-        print(
-            f"\n\n[tokenrecycle] {result.stats_line()} · {drafting} · "
-            f"{generator.dtype} ({generator.dtype_reason}) · {generator.runner_name}"
-            + (f" ({generator.runner.loop})" if hasattr(generator.runner, "loop") else ""),
-            file=sys.stderr,
-        )
+        print(f"\n\n[tokenrecycle] {result.stats_line()} · {setup.summary()}", file=sys.stderr)
     if args.compare:
-        plain, baseline = compare_baseline(generator, prompt, args.max_new_tokens, args.stop, chat, sampling)
+        plain, baseline = compare_baseline(generator, prompt_ids, request)
         comparison = {
             "baseline": baseline,
             "baseline_tokens_per_s": plain.tokens_per_s,
@@ -191,7 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(
                 f"[{baseline}] {plain.tokens_per_s:.1f} tokens/s · speedup {comparison['speedup']:.2f}x · "
-                f"identical output: {identical_text(comparison['identical'], generator.dtype, sampling is not None)}",
+                f"identical output: {identical_text(comparison['identical'], generator.dtype, request.sampling is not None)}",
                 file=sys.stderr,
             )
     if args.json:
@@ -202,13 +188,12 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSettings, chat_session
 
-    check_decoding_options(args)
-    sampling = sampling_of(args)
+    request = request_settings(args)
     # Undecodable input becomes lone surrogates the session refuses line by line, not a traceback.
     if hasattr(standard_input(), "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
     generator = prepared_generator(args)
-    settings = ChatSettings(args.max_new_tokens, tuple(args.stop), drafter_of(generator, args), sampling)
+    settings = ChatSettings(request.max_new_tokens, request.stop, drafter_of(generator, args), request.sampling)
     try:
         return chat_session(generator, settings)
     finally:
@@ -254,23 +239,27 @@ def require_utf8(text: str, what: str) -> str:
     return text
 
 
-def check_decoding_options(args: argparse.Namespace) -> None:
-    """What generate and chat refuse before loading anything."""
-    if args.max_new_tokens < 1:
-        raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.draft and args.drafter != "recycling":
+def request_settings(args: argparse.Namespace):
+    """The per-request options of generate and chat, checked by their owners before anything loads."""
+    from .request import RequestSettings
+    from .sampling import Sampling
+
+    if args.draft and args.drafter is not None:
         raise InvalidOptionError("--draft (a draft model) and --drafter (train-free drafting) exclude each other")
     for stop in args.stop:
-        if not stop:
-            raise InvalidOptionError("--stop must not be empty (it would match before the first token)")
         require_utf8(stop, f"the stop string {stop!r}")
+    sampling = Sampling.of(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
+    return RequestSettings(args.max_new_tokens, args.stop, sampling, chat=False if getattr(args, "no_chat", False) else None)
 
 
 def prepared_generator(args: argparse.Namespace):
     """The generator generate and chat decode with: loaded, tuned on first use, its table loaded."""
     generator = load_generator(args, args.tree)
-    if args.tree == "auto" and generator.tree_name != "auto" and not args.no_tune:
-        print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune skips)", file=sys.stderr)
+    tree = generator.engine.tree
+    if tree.problem:
+        print(f"tokenrecycle: {tree.problem}", file=sys.stderr)
+    if args.tree == "auto" and tree.name != "auto" and not args.no_tune:
+        print(f"tokenrecycle: {'tuning again' if tree.problem else 'no tuning profile for this setup yet: tuning once'} (--no-tune keeps the static tree)", file=sys.stderr)
         tune_with_progress(generator, args.tune_seconds)
     if args.table and Path(args.table).exists():
         generator.load_table(args.table)
@@ -278,9 +267,21 @@ def prepared_generator(args: argparse.Namespace):
 
 
 def drafter_of(generator, args: argparse.Namespace):
+    """None for the engine's own Token Recycling drafter (its shared table, which --table keeps),
+    else a drafter from the registry whose Token Recycling part drafts from that same table."""
+    name = "draft-model" if args.draft else args.drafter or "recycling"
+    if name == "recycling":
+        return None
+    from .suffix_automaton import SuffixAutomaton
+
+    store = SuffixAutomaton.load(args.datastore) if args.datastore and DRAFTERS[name].uses_datastore else None
+    return generator.build_drafter(name, datastore=store, draft=args.draft, draft_shape=args.draft_shape, own_table=False)
+
+
+def drafting_label(args: argparse.Namespace) -> str:
     if args.draft:
-        return draft_model_drafter(generator, args.draft, args.draft_shape)
-    return train_free_drafter(generator, args)
+        return f"draft {args.draft} ({args.draft_shape})"
+    return args.drafter or "recycling"
 
 
 def load_generator(args: argparse.Namespace, tree: str):
@@ -299,14 +300,16 @@ def announce_native_build(runner: str) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from .tuning import load_profile, profile_path
+    from .tuning import load_profile
 
     generator = load_generator(args, "none")
-    profile = load_profile(generator) if args.show else tune_with_progress(generator, args.seconds)
+    key = generator.engine.profile_key
+    profile = load_profile(key) if args.show else tune_with_progress(generator, args.seconds)
     if profile is None:
         raise InvalidOptionError("no tuning profile for this setup yet (run tokenrecycle tune)")
     costs = profile.mean_cost_ms
-    print(f"{generator.dtype} · {generator.runner_name} · {profile_path(profile.key)}")
+    setup = generator.engine.describe()
+    print(f"{setup.dtype} · {setup.runner_text()} · {key.path}")
     print("forward ms by tree tokens: " + ", ".join(f"{n}: {ms:.1f}" for n, ms in costs.items()))
     print(f"chosen tree: {profile.summary()}")
     print(json.dumps([list(p) for p in profile.plan.paths]))
@@ -389,56 +392,24 @@ def identical_text(identical: bool, dtype: str, sampled: bool = False) -> str:
     return "NO"
 
 
-def train_free_drafter(generator, args: argparse.Namespace):
-    """None for the generator's own Token Recycling drafter (its table persists across calls)."""
-    if args.drafter == "recycling":
-        return None
-    from .suffix_automaton import SuffixAutomaton
-
-    store = SuffixAutomaton.load(args.datastore) if args.datastore else None
-    return generator.train_free_drafter(args.drafter, store)
-
-
-def draft_model_drafter(generator, draft: str, shape: str):
-    if shape == "chain":
-        return generator.draft_model_drafter(draft, (1,), adaptive=True)
-    kind, _, sizes = shape.rpartition(":")
-    try:
-        numbers = [int(size) for size in sizes.split(",")]
-        if kind == "beam" and len(numbers) == 2:
-            return generator.draft_model_drafter(draft, (1,) * numbers[1], beam=numbers[0])
-        if kind == "":
-            return generator.draft_model_drafter(draft, numbers)
-    except ValueError:
-        pass
-    raise InvalidOptionError(f"--draft-shape must be chain, widths like 2,2,1 or beam:W,D, got '{shape}'")
-
-
-def sampling_of(args: argparse.Namespace):
-    """Sampling settings from the options, or None for greedy decoding."""
-    from .sampling import Sampling
-
-    if args.temperature < 0:
-        raise InvalidOptionError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.temperature == 0:
-        return None
-    return Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.seed)
-
-
-def compare_baseline(generator, prompt: str, max_new_tokens: int, stop, chat, sampling=None):
+def compare_baseline(generator, prompt_ids, request):
     """Plain decoding of the same model: transformers' model.generate, or, for quantised
     weights that only the fast runner has, one token per step on that runner."""
-    mode = "greedy" if sampling is None else "sampling"
-    if generator.quantize:
-        result = generator.generate(prompt, max_new_tokens, stop, chat, plain=True, sampling=sampling)
-        return result, f"plain {mode}, same {generator.quantize} runner"
-    return generator.generate_plain(prompt, max_new_tokens, stop, chat, sampling), f"plain {mode} model.generate"
+    mode = "greedy" if request.sampling is None else "sampling"
+    quantize = generator.engine.quantize
+    n, stop, sampling = request.max_new_tokens, request.stop, request.sampling
+    if quantize:
+        return generator.generate(prompt_ids, n, stop, drafter="plain", sampling=sampling), f"plain {mode}, same {quantize} runner"
+    return generator.generate_with_transformers(prompt_ids, n, stop, sampling=sampling), f"plain {mode} model.generate"
 
 
 def warm_up(generator, chat) -> None:
     """One short run of each method so neither pays first-call costs inside the timing."""
-    generator.generate("Hello", max_new_tokens=4, chat=chat)
-    compare_baseline(generator, "Hello", 4, (), chat)
+    from .request import RequestSettings
+
+    hello = generator.encode("Hello", chat)
+    generator.generate(hello, max_new_tokens=4)
+    compare_baseline(generator, hello, RequestSettings(4))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,7 +47,3 @@ class NoFreeSlotError(TokenRecycleError):
 
 class EngineBusyError(TokenRecycleError):
     """The engine's slots are busy and its queue of waiting requests is full: try again later."""
-
-
-class RequestCancelledError(TokenRecycleError):
-    """The request was cancelled before it finished."""

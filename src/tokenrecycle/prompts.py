@@ -21,8 +21,10 @@ def encode_prompt(tokenizer, prompt: Prompt, chat: bool | None = None) -> np.nda
             raise EmptyPromptError("the prompt is empty")
         return prompt.astype(np.int64, copy=False)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if not messages or not all(str(m.get("content", "")).strip() for m in messages):
+    if not messages:
         raise EmptyPromptError("the prompt is empty")
+    for message in messages:
+        check_prompt_text(str(message.get("content", "")))
     use_chat = tokenizer.chat_template is not None if chat is None else chat
     if use_chat:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -30,6 +32,13 @@ def encode_prompt(tokenizer, prompt: Prompt, chat: bool | None = None) -> np.nda
     else:
         ids = tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
     return np.asarray(ids, dtype=np.int64)
+
+
+def check_prompt_text(text: str) -> str:
+    """Text with something in it besides white space (checked before any model loads)."""
+    if not text.strip():
+        raise EmptyPromptError("the prompt is empty")
+    return text
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -21,7 +21,7 @@ from .decoding import DecodingLoop, Step
 from .drafters import Drafter
 from .errors import InvalidOptionError
 from .sampling import Sampling
-from .text import OutputAssembler
+from .text import OutputAssembler, check_stop_strings
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -42,7 +42,7 @@ class RequestSettings:
         tokens = self.max_new_tokens
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise InvalidOptionError(f"max_new_tokens must be a whole number of at least 1, got {tokens!r}")
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "stop", tuple(check_stop_strings(self.stop)))
 
 
 class RequestState(enum.Enum):

@@ -43,6 +43,14 @@ class Sampling:
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise InvalidOptionError(f"min_p must be in [0, 1], got {self.min_p}")
 
+    @classmethod
+    def of(cls, temperature: float, top_k: int = DEFAULT_TOP_K, top_p: float = 1.0, min_p: float | None = None,
+           seed: int | None = None) -> Sampling | None:  # fmt: skip
+        """Settings as a user gives them: temperature 0 means greedy decoding (None), not sampling."""
+        if temperature == 0:
+            return None
+        return cls(temperature, top_k, top_p, min_p, seed)
+
     def generate_options(self) -> dict:
         """The same settings for transformers' `model.generate`."""
         return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}

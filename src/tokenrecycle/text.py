@@ -7,6 +7,14 @@ from typing import Sequence
 from .errors import InvalidOptionError
 
 
+def check_stop_strings(stop_strings: str | Sequence[str]) -> list[str]:
+    """Stop strings as a list; an empty one would match before the first token."""
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if any(not isinstance(stop, str) or not stop for stop in stops):
+        raise InvalidOptionError("a stop string must be a non-empty string (an empty one matches before the first token)")
+    return stops
+
+
 class OutputAssembler:
     """Takes tokens as the loop decides them; says when to stop and what text is safe to show.
 
@@ -18,11 +26,7 @@ class OutputAssembler:
     def __init__(self, tokenizer, eos_ids: set[int], stop_strings: Sequence[str], max_new_tokens: int):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        if any(not isinstance(stop, str) or not stop for stop in stop_strings):
-            raise InvalidOptionError("a stop string must be a non-empty string")
-        self.stop_strings = list(stop_strings)
+        self.stop_strings = check_stop_strings(stop_strings)
         self.max_new_tokens = max_new_tokens
         self.tokens: list[int] = []
         self.text = ""

@@ -35,6 +35,7 @@ class TreeChoice:
     name: str = "custom"  # what the user asked for (a name, dynN, auto, adaptive), or custom
     reason: str = "asked for"
     profile: object | None = None  # the tuning profile a tuned tree came from (an adaptive tree starts there)
+    problem: str | None = None  # why a profile on disk could not be used (damaged, another setup)
 
     @property
     def adaptive(self) -> bool:
@@ -46,7 +47,7 @@ def tuned_tree(tree: str, topk: int, profile, static_default: str, problem: str 
     tree, with the reason (and `problem`, when a profile exists but cannot be used)."""
     if profile is None:
         why = problem or "no tuning profile for this setup yet (run tokenrecycle tune)"
-        return replace(resolve_tree(static_default, topk), reason=f"static default: {why}")
+        return replace(resolve_tree(static_default, topk), reason=f"static default: {why}", problem=problem)
     adapting = " (start; it follows each request's acceptance)" if tree == ADAPTIVE else ""
     template = compile_template(trim_to_topk(profile.plan.paths, topk), topk)
     return TreeChoice(template, name=tree, reason=f"tuned on this machine: {profile.summary()}{adapting}", profile=profile)
