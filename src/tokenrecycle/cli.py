@@ -372,10 +372,9 @@ def run_bench(args: argparse.Namespace) -> int:
         cost_curve=not args.no_cost_curve,
         resume=args.resume,
     )
-    results = run_bench(config)
-    measured = any(section["records"] for section in results["sections"])
-    if results["status"] == "interrupted":
-        print(f"tokenrecycle: interrupted; {f'partial results in {config.out}' if measured else 'nothing measured yet'}", file=sys.stderr)
+    run = run_bench(config)
+    if run.status == "interrupted":
+        print(f"tokenrecycle: interrupted; {f'partial results in {config.out}' if run.measured else 'nothing measured yet'}", file=sys.stderr)
         return 130
     print(Path(config.out) / "report.md")
     return 0

@@ -37,7 +37,7 @@ from .errors import EngineBusyError, InvalidOptionError, PromptTooLongError
 from .hardware import choose_dtype
 from .models import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model
 from .prompts import Prompt, encode_prompt, eos_token_ids
-from .request import Request, RequestSettings, RequestState, Update
+from .request import GenerationResult, Request, RequestSettings, RequestState, Update
 from .runners import DEFAULT_SLOTS, FastRunner, check_runner_options, make_runner
 from .runners.fast import TREE_SLOTS
 from .text import OutputAssembler
@@ -133,10 +133,13 @@ class Engine:
         if self._running:
             raise InvalidOptionError("the tree cannot change while requests are running")
         tree = "auto" if tree is None else tree
-        self.tree = tree if isinstance(tree, TreeChoice) else self._resolve(tree)
+        self.tree = self.resolve(tree)
         self.recycling = self._new_recycling(self.tree)
 
-    def _resolve(self, tree) -> TreeChoice:
+    def resolve(self, tree) -> TreeChoice:
+        """A tree as the user names it (name, dynN, file, rank paths, auto, adaptive) for this engine."""
+        if isinstance(tree, TreeChoice):
+            return tree
         if isinstance(tree, str) and tree in TUNED:
             profile, problem = read_profile(self.profile_key)
             return tuned_tree(tree, self.topk, profile, default_tree(self.dtype, self.quantize), problem)
@@ -152,8 +155,7 @@ class Engine:
     def recycling_drafter(self, tree=None, hot_start: bool = True) -> TokenRecyclingDrafter:
         """A Token Recycling drafter with a table of its own: this engine's tree unless another is
         given (a name, dynN, file, rank paths, auto or adaptive)."""
-        choice = self.tree if tree is None else self._resolve(tree)
-        return self._new_recycling(choice, hot_start)
+        return self._new_recycling(self.tree if tree is None else self.resolve(tree), hot_start)
 
     # ---- drafters ----------------------------------------------------------------------------
     def build_drafter(self, name: str, *, datastore=None, draft: str | None = None, draft_shape: str = "chain", own_table: bool = True) -> Drafter:
@@ -246,6 +248,13 @@ class Engine:
         if not drafter.shareable and any(r.drafter is drafter for r in (*self._running, *self._waiting)):
             raise InvalidOptionError("this drafter object already serves an unfinished request (it holds one text's state)")
         return drafter
+
+    def complete(self, prompt: Prompt, settings: RequestSettings | None = None) -> GenerationResult:
+        """Submit a request and step the engine until it ends; its result."""
+        request = self.submit(prompt, settings)
+        for _ in self.run(request):
+            pass
+        return request.result
 
     @property
     def running(self) -> tuple[Request, ...]:

@@ -24,6 +24,7 @@ from ..errors import InvalidOptionError, PromptTooLongError, TokenRecycleError
 from ..hardware import machine_info
 from ..models import DEFAULT_MODEL
 from ..sampling import Sampling
+from ..engine import Engine
 from ..tuning import load_profile
 from .memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from .methods import (
@@ -183,27 +184,28 @@ def run_section(config: BenchConfig, dtype: str, run: BenchRun, progress: BenchP
         config.draft, config.datastore,
     )  # fmt: skip
     before = current_rss_bytes()
-    generator = factory.generator
-    done = next((old for old in run.sections if old.dtype == generator.dtype), None)
+    engine = factory.engine
+    setup = engine.describe()
+    done = next((old for old in run.sections if old.dtype == setup.dtype), None)
     section = Section(
-        dtype=generator.dtype,
-        dtype_reason=generator.dtype_reason,
-        runner=generator.runner_name,
-        loop=getattr(generator.runner, "loop", None),
-        default_tree=generator.tree_name,
-        tree_reason=generator.tree_reason,
+        dtype=setup.dtype,
+        dtype_reason=setup.dtype_reason,
+        runner=setup.runner,
+        loop=setup.loop + (f" ({setup.loop_note})" if setup.loop_note else ""),
+        default_tree=setup.tree,
+        tree_reason=setup.tree_reason,
         model_memory_bytes=current_rss_bytes() - before,
         # The tuning profile (if any) predicts each fixed tree's tokens per step and speed.
-        profile=profile.to_json() if (profile := load_profile(generator)) else None,
+        profile=profile.to_json() if (profile := load_profile(engine.profile_key)) else None,
     )
     if done is not None:  # resuming: keep what was measured
         section.records, section.cost_curves, section.wall_seconds = done.records, done.cost_curves, done.wall_seconds
         run.sections.remove(done)
     run.sections.append(section)
     methods = build_methods(factory, config, section)
-    warm_up(methods, generator, config.warm_up, section)
+    warm_up(methods, engine, config.warm_up, section)
     if config.cost_curve and not section.cost_curves:
-        progress.note(f"{generator.dtype}: measuring the runners' cost curves")
+        progress.note(f"{setup.dtype}: measuring the runners' cost curves")
         section.cost_curves = forward_costs(factory.cost_runners(methods))
     measured = {record.question_id for record in section.records}  # whole questions only
     remaining = [q for q in config.questions if q.question_id not in measured]
@@ -212,7 +214,7 @@ def run_section(config: BenchConfig, dtype: str, run: BenchRun, progress: BenchP
     earlier_wall = section.wall_seconds
     for question in config.questions:
         if question.question_id not in measured:
-            section.records += run_question(question, methods, generator, config, progress, turns_before)
+            section.records += run_question(question, methods, engine, config, progress, turns_before)
             section.wall_seconds = earlier_wall + time.perf_counter() - start
             save_results(run, config.out)
         turns_before += len(question.turns)
@@ -244,11 +246,11 @@ def build_methods(factory: MethodFactory, config: BenchConfig, section: Section)
     return methods
 
 
-def warm_up(methods: list[Method], generator, prompts: int, section: Section) -> None:
+def warm_up(methods: list[Method], engine: Engine, prompts: int, section: Section) -> None:
     """Each method decodes a few short prompts first: one-off costs (allocation, kernel choice,
     a hot start's table) are paid outside the timing, on text that is not benchmarked."""
     for prompt in WARM_UP_PROMPTS[:prompts]:
-        ids = generator.encode(prompt)
+        ids = engine.encode(prompt)
         for method in methods:
             try:
                 method.run(ids, WARM_UP_TOKENS)
@@ -257,15 +259,15 @@ def warm_up(methods: list[Method], generator, prompts: int, section: Section) ->
 
 
 def run_question(
-    question: Question, methods: list[Method], generator, config: BenchConfig, progress: BenchProgress, turns_before: int
+    question: Question, methods: list[Method], engine: Engine, config: BenchConfig, progress: BenchProgress, turns_before: int
 ) -> list[Record]:
     records = []
     messages: list[dict] = []
     for turn, text in enumerate(question.turns):
         messages.append({"role": "user", "content": text})
         try:
-            prompt_ids = generator.encode(messages)
-            generator.check_fits(prompt_ids, config.max_new_tokens)
+            prompt_ids = engine.encode(messages)
+            engine.check_fits(prompt_ids, config.max_new_tokens)
         except TokenRecycleError as exc:  # too long for the model: no method can run it
             return records + [failed_record(question, turn, m.name, exc) for m in methods]
         runs: dict[str, list[tuple[MethodRun | Exception, int]]] = {m.name: [] for m in methods}
@@ -278,7 +280,7 @@ def run_question(
         answer = next((r for r in turn_records if r.ok), None)  # the reference's, if it ran
         if answer is None:
             break
-        messages.append({"role": "assistant", "content": generator.tokenizer.decode(answer.token_ids, skip_special_tokens=True)})
+        messages.append({"role": "assistant", "content": engine.tokenizer.decode(answer.token_ids, skip_special_tokens=True)})
     return records
 
 

@@ -38,10 +38,14 @@ from ..drafters import AdaptiveTreeDrafter, Drafter
 from ..drafters.auto import AutoDrafter
 from ..suffix_automaton import SuffixAutomaton
 from ..errors import TokenRecycleError
-from ..generator import Generator, hf_generate
+from ..drafters.draft_model import DraftShape
+from ..engine import Engine
 from ..models import LoadedModel, load_model, resolve
-from ..runners import HFRunner
+from ..reference import hf_generate
+from ..request import RequestSettings
+from ..runners import HFRunner, RunnerKind
 from ..sampling import Sampling
+from ..trees.choice import TUNED
 from .metrics import temperature_suffix
 from .results import portable_path
 
@@ -136,14 +140,14 @@ def decided_per_call(cache_lengths: list[int], prompt_tokens: int, new_tokens: i
 
 @dataclass
 class OwnLoopMethod(Method):
-    """tokenrecycle's own loop on a generator's runner, with a drafter of its own (None: plain)."""
+    """tokenrecycle's own loop on an engine's runner, with a drafter of its own (None: plain)."""
 
-    generator: Generator = None
+    engine: Engine = None
     drafter: Drafter | None = None
 
     def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
-        plain = self.drafter is None
-        result = self.generator.generate(prompt_ids, max_new_tokens, plain=plain, drafter=self.drafter, sampling=self.sampling)
+        settings = RequestSettings(max_new_tokens, sampling=self.sampling, drafter=self.drafter or "plain")
+        result = self.engine.complete(prompt_ids, settings)
         details = None
         if isinstance(self.drafter, AutoDrafter):  # cumulative over the run so far
             details = {"credit": dict(self.drafter.credit), "plays": dict(zip(self.drafter.arm_names, self.drafter.plays))}
@@ -217,32 +221,32 @@ class MethodFactory:
         self.llamacpp_pld = {"num_pred_tokens": llamacpp_pld_tokens, "max_ngram_size": pld_ngram}
 
     @cached_property
-    def generator(self) -> Generator:
-        return Generator(self.model_spec, dtype=self.dtype)
+    def engine(self) -> Engine:
+        return Engine(self.model_spec, dtype=self.dtype)
 
     @property
     def loaded(self) -> LoadedModel:
-        return self.generator.loaded
+        return self.engine.loaded
 
     @cached_property
-    def hf_generator(self) -> Generator:
-        return Generator(self.loaded, dtype=self.generator.dtype, runner="hf")
+    def hf_engine(self) -> Engine:
+        return Engine(self.loaded, dtype=self.engine.dtype, runner="hf")
 
     @cached_property
-    def int4_generator(self) -> Generator:
-        if self.generator.dtype != "bfloat16":
+    def int4_engine(self) -> Engine:
+        if self.engine.dtype != "bfloat16":
             raise MethodUnavailable("int4 weights need bfloat16 activations")
-        if self.generator.runner_name != "FastRunner":
+        if self.engine.runner.kind is not RunnerKind.FAST:
             raise MethodUnavailable("int4 weights need the fast runner, which does not run this model")
-        return Generator(self.model_spec, dtype="bfloat16", quantize="int4")
+        return Engine(self.model_spec, dtype="bfloat16", quantize="int4")
 
     def cost_runners(self, methods: list[Method]) -> dict:
         """The runners behind the methods, for the cost curve: the transformers runner always."""
         runners = {"hf": HFRunner(self.loaded.model)}
-        if self.generator.runner_name != "HFRunner":
-            runners["fast"] = self.generator.runner
+        if self.engine.runner.kind is RunnerKind.FAST:
+            runners["fast"] = self.engine.runner
         if any(m.name.startswith("int4") for m in methods):
-            runners["fast int4"] = self.int4_generator.runner
+            runners["fast int4"] = self.int4_engine.runner
         return runners
 
     def build(self, base: str, tree: str | None = None, name: str | None = None, sampling: Sampling | None = None) -> Method:
@@ -259,45 +263,45 @@ class MethodFactory:
         return self._transformers(v, None, "transformers model.generate", {})
 
     def _plain(self, v: Variant):
-        g = self.generator
-        description = f"tokenrecycle, one token per step ({g.runner_name})"
-        return OwnLoopMethod(v.name, v.baseline(REFERENCE), description, sampling=v.sampling, generator=g)
+        description = f"tokenrecycle, one token per step ({self.engine.describe().runner_text()})"
+        return OwnLoopMethod(v.name, v.baseline(REFERENCE), description, sampling=v.sampling, engine=self.engine)
 
     def _tr(self, v: Variant, tree):
-        return self._recycling(v, self.generator, tree, hot=True, baseline="plain")
+        return self._recycling(v, self.engine, tree, hot=True, baseline="plain")
 
     def _tr_cold(self, v: Variant, tree):
-        return self._recycling(v, self.generator, tree, hot=False, baseline="plain")
+        return self._recycling(v, self.engine, tree, hot=False, baseline="plain")
 
     def _tr_hf(self, v: Variant, tree):
-        return self._recycling(v, self.hf_generator, tree, hot=True, baseline=REFERENCE)
+        return self._recycling(v, self.hf_engine, tree, hot=True, baseline=REFERENCE)
 
     def _int4_plain(self, v: Variant):
         return OwnLoopMethod(
             v.name, v.baseline(REFERENCE), "tokenrecycle, one token per step, int4 weights", {"quantize": "int4"}, v.sampling,
-            generator=self.int4_generator,
+            engine=self.int4_engine,
         )  # fmt: skip
 
     def _int4_tr(self, v: Variant, tree):
-        return self._recycling(v, self.int4_generator, tree, hot=True, baseline="int4-plain")
+        return self._recycling(v, self.int4_engine, tree, hot=True, baseline="int4-plain")
 
     def _sps(self, v: Variant):
-        return self._draft_model(v, (1,), adaptive=True, kind="speculative sampling, adaptive chain")
+        return self._draft_model(v, "chain", kind="speculative sampling, adaptive chain")
 
     def _rsd(self, v: Variant):
-        return self._draft_model(v, (2, 2, 1), adaptive=False, kind="recursive speculative decoding, tree 2-2-1")
+        return self._draft_model(v, "2,2,1", kind="recursive speculative decoding, tree 2-2-1")
 
     def _rsd_sbs(self, v: Variant):
-        return self._draft_model(v, (1, 1, 1), adaptive=False, kind="recursive speculative decoding, stochastic beam search 3x3", beam=3)
+        return self._draft_model(v, "beam:3,3", kind="recursive speculative decoding, stochastic beam search 3x3")
 
-    def _draft_model(self, v: Variant, branching, adaptive: bool, kind: str, beam: int | None = None) -> OwnLoopMethod:
-        g = self.generator
-        draft = self.draft or f"early-exit:{max(1, g.model.config.num_hidden_layers // 4)}"
-        drafter = g.draft_model_drafter(draft, branching, adaptive, beam)
+    def _draft_model(self, v: Variant, shape: str, kind: str) -> OwnLoopMethod:
+        engine = self.engine
+        draft = self.draft or f"early-exit:{max(1, engine.loaded.model.config.num_hidden_layers // 4)}"
+        drafter = engine.build_drafter("draft-model", draft=draft, draft_shape=shape)
         shown = portable_path(draft)  # a draft model's name, not where it lies
-        settings = {"draft": shown, "branching": list(branching), "adaptive_length": adaptive, "beam": beam}
+        parsed = DraftShape.parse(shape)
+        settings = {"draft": shown, "branching": list(parsed.branching), "adaptive_length": parsed.adaptive, "beam": parsed.beam}
         description = f"{kind}, drafts from {shown}"
-        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, generator=g, drafter=drafter)
+        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, engine=engine, drafter=drafter)
 
     def _lookup(self, v: Variant):
         return self._train_free(v, "lookup", "prompt lookup, continuations merged in a tree")
@@ -315,14 +319,14 @@ class MethodFactory:
         # Each retrieving method reads the file into an automaton of its own: it learns as it runs.
         retrieves = kind in ("retrieval", "merged", "auto")
         store = SuffixAutomaton.load(self.datastore) if self.datastore and retrieves else None
-        drafter = self.generator.train_free_drafter(kind, store)
-        settings = {"drafter": kind, "tree": self.generator.tree_name}
+        drafter = self.engine.build_drafter(kind, datastore=store)
+        settings = {"drafter": kind, "tree": self.engine.tree.name}
         if retrieves:
             datastore = self.datastore and portable_path(self.datastore)
             settings.update(datastore=datastore, datastore_tokens=store.tokens if store else 0)
         if isinstance(drafter, AutoDrafter):
             settings["arms"] = drafter.arm_names
-        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, generator=self.generator, drafter=drafter)
+        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, engine=self.engine, drafter=drafter)
 
     def _hf_pld(self, v: Variant):
         return self._transformers(v, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))
@@ -330,7 +334,7 @@ class MethodFactory:
     def _hf_assisted(self, v: Variant):
         if not self.draft_model:
             raise MethodUnavailable("needs a draft model that shares the tokenizer (--draft-model)")
-        draft = load_model(self.draft_model, self.generator.dtype)
+        draft = load_model(self.draft_model, self.engine.dtype)
         shown = portable_path(self.draft_model)
         if draft.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise MethodUnavailable(f"draft model {shown} does not share the target's tokenizer")
@@ -354,22 +358,23 @@ class MethodFactory:
         shown = {key: value for key, value in options.items() if isinstance(value, (int, float, str))}
         return TransformersMethod(
             v.name, v.baseline(baseline), description, settings or shown, v.sampling,
-            model=self.loaded.model, eos_ids=self.generator.eos_ids, options=options,
+            model=self.loaded.model, eos_ids=self.engine.eos_ids, options=options,
         )  # fmt: skip
 
-    def _recycling(self, v: Variant, generator: Generator, tree, hot: bool, baseline: str) -> OwnLoopMethod:
-        drafter = generator.new_drafter(hot_start=hot, tree=tree)
-        tree_name = tree or generator.tree_name
+    def _recycling(self, v: Variant, engine: Engine, tree, hot: bool, baseline: str) -> OwnLoopMethod:
+        choice = engine.resolve(tree) if tree else engine.tree
+        drafter = engine.recycling_drafter(choice, hot_start=hot)
         start = "hot start (table kept across requests)" if hot else "cold start (table restarted per request)"
-        settings = {"tree": tree_name, "nodes": drafter.template.num_nodes, "depth": drafter.template.max_depth}
-        if tree_name == "auto" or tree is None:
-            settings["tree_reason"] = generator.tree_reason
+        settings = {"tree": choice.name, "nodes": drafter.template.num_nodes, "depth": drafter.template.max_depth}
+        if tree is None or choice.name in TUNED:
+            settings["tree_reason"] = choice.reason
         if drafter.budget is None and not isinstance(drafter, AdaptiveTreeDrafter):  # the same tree every step
             settings["paths"] = [list(path) for path in drafter.template.paths[1:]]
-        settings.update(hot_start=hot, topk=generator.topk, runner=generator.runner_name)
+        runner = engine.describe().runner_text()
+        settings.update(hot_start=hot, topk=engine.topk, runner=engine.runner.kind.value)
         return OwnLoopMethod(
-            v.name, v.baseline(baseline), f"Token Recycling, tree {tree_name}, {start}, {generator.runner_name}", settings,
-            v.sampling, generator=generator, drafter=drafter,
+            v.name, v.baseline(baseline), f"Token Recycling, tree {choice.name}, {start}, {runner}", settings,
+            v.sampling, engine=engine, drafter=drafter,
         )  # fmt: skip
 
     def _llama(self, v: Variant, baseline, description, options, settings=None) -> LlamaCppMethod:
@@ -378,12 +383,12 @@ class MethodFactory:
         if gguf.suffix != ".gguf":
             raise MethodUnavailable(f"llama.cpp needs a GGUF model, not {portable_path(gguf)}")
         llm = module.Llama(
-            model_path=str(gguf), n_ctx=self.generator.runner.max_context, n_threads=torch.get_num_threads(),
+            model_path=str(gguf), n_ctx=self.engine.runner.max_context, n_threads=torch.get_num_threads(),
             verbose=False, **options,
         )  # fmt: skip
         settings = {"gguf": Path(gguf).name, "threads": torch.get_num_threads(), **(settings or {})}
         return LlamaCppMethod(
-            v.name, v.baseline(baseline), description, settings, v.sampling, llm=llm, eos_ids=self.generator.eos_ids
+            v.name, v.baseline(baseline), description, settings, v.sampling, llm=llm, eos_ids=self.engine.eos_ids
         )  # fmt: skip
 
     @staticmethod
