@@ -14,16 +14,16 @@ import argparse
 import json
 from collections import Counter
 
-from tokenrecycle import Generator
+from tokenrecycle import Engine
 from tokenrecycle.trees.design import expected_tokens
 from tokenrecycle.trees import best_template, rank_budget_template
 from tokenrecycle.tuning import calibration_prompts, count_acceptance
 
 
-def count_all(generator: Generator, prompts: list[str], max_new: int) -> tuple[Counter, Counter]:
+def count_all(engine: Engine, prompts: list[str], max_new: int) -> tuple[Counter, Counter]:
     visits, hits = Counter(), Counter()
     for prompt in prompts:
-        count_acceptance(generator, generator.drafter, prompt, max_new, visits, hits)
+        count_acceptance(engine, engine.recycling, prompt, max_new, visits, hits)
     return visits, hits
 
 
@@ -34,10 +34,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 8, 16, 32, 48, 80])
     parser.add_argument("--min-visits", type=int, default=20, help="rates from fewer visits are not trusted")
     args = parser.parse_args()
-    generator = Generator(dtype=args.dtype, tree=rank_budget_template(8, 2, 8))
+    engine = Engine(dtype=args.dtype, tree=rank_budget_template(8, 2, 8))
     prompts = calibration_prompts()
-    count_all(generator, prompts[:4], 32)  # warm the table first: rates of a hot table
-    visits, hits = count_all(generator, prompts, args.max_new_tokens)
+    count_all(engine, prompts[:4], 32)  # warm the table first: rates of a hot table
+    visits, hits = count_all(engine, prompts, args.max_new_tokens)
     rates = {p: hits[p] / visits[p] for p in visits if visits[p] >= args.min_visits}
     for path in sorted(rates, key=lambda p: (len(p), p))[:40]:
         print(f"# {list(path)}: {rates[path]:.3f} ({visits[path]} visits)")

@@ -250,3 +250,32 @@ def test_describe_names_the_setup(engine):
     assert setup.model == "model" and "/" not in setup.model  # named, not located
     assert setup.weights_bytes > 0 and setup.table_bytes == engine.recycling.memory_bytes
     assert "float32 (asked for float32)" in setup.summary()
+
+
+def test_the_readmes_drafter_table_is_the_registrys():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"<!-- drafters: from drafters/registry.py -->\n(.*?)\n<!-- /drafters -->", readme, re.S)
+    printed = subprocess.run([sys.executable, str(root / "scripts" / "drafter_table.py")], capture_output=True, text=True, check=True)
+    assert block is not None and block.group(1) == printed.stdout.strip()
+    assert all(f"| `{name}` |" in block.group(1) for name in DRAFTERS)
+
+
+def test_the_readmes_engine_example_runs(model_dir):
+    """The README's many-requests example, on the tiny model."""
+    from tokenrecycle.sampling import Sampling
+
+    engine = Engine(model_dir, dtype="float32", tree="tr4", max_slots=4)
+    a = engine.submit("Why do cats purr?", RequestSettings(max_new_tokens=12))
+    b = engine.submit("Write a haiku.", RequestSettings(12, stop=["\n\n"], sampling=Sampling(0.7, seed=1), drafter="auto"))
+    seen = set()
+    while not engine.idle:
+        for update in engine.step():
+            seen.add((update.request.id, update.finished))
+    assert (a.id, True) in seen and (b.id, True) in seen
+    assert a.result.new_tokens == 12 and b.result.stats_line()

@@ -4,6 +4,7 @@ from importlib.metadata import version
 
 from .errors import (
     CorruptModelError,
+    CorruptResultsError,
     CorruptTableError,
     EmptyPromptError,
     EngineBusyError,
@@ -40,5 +41,6 @@ __all__ = [
     "CorruptModelError",
     "UnsupportedModelError",
     "CorruptTableError",
+    "CorruptResultsError",
     "EngineBusyError",
 ]
