@@ -43,20 +43,10 @@ class TextStream:
 class Generator:
     """Loads a model once and decodes with Token Recycling; every output equals plain decoding's."""
 
-    def __init__(
-        self,
-        model: str | LoadedModel = DEFAULT_MODEL,
-        *,
-        dtype: str = "auto",
-        runner: str = "auto",
-        tree: str | Sequence[Sequence[int]] | None = "auto",
-        topk: int = 8,
-        hot_start: bool = True,
-        quantize: str | None = None,
-    ):
-        """hot_start: the Token Recycling table is kept across requests (False: each request
-        starts its own from its prompt)."""
-        self.engine = Engine(model, dtype=dtype, runner=runner, quantize=quantize, tree=tree, topk=topk, shared_table=hot_start)
+    def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, *, hot_start: bool = True, **options):
+        """`options`: the Engine's (dtype, runner, quantize, tree, topk, max_slots, ...). hot_start:
+        the Token Recycling table is kept across requests (False: each starts its own from its prompt)."""
+        self.engine = Engine(model, shared_table=hot_start, **options)
 
     @property
     def runner(self):
