@@ -104,7 +104,7 @@ class Engine:
         # Every option is checked by its owner before the model loads, so a typo fails in milliseconds.
         check_topk(topk)
         picked = choose_dtype(dtype)
-        check_runner_options(runner, quantize, picked.dtype)
+        check_runner_options(runner, quantize, picked.dtype, max_slots)
         tree = "auto" if tree is None else tree
         asked_tree = None if isinstance(tree, str) and tree in TUNED else resolve_tree(tree, topk)
         _check_count("max_waiting", max_waiting, minimum=0)

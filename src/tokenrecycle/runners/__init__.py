@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidOptionError, UnsupportedModelError
-from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind
+from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind, check_slots
 from .fast import FastRunner, fast_unsupported_reason
 from .hf import HFRunner, check_supported
 from .linear import LINEARS, check_quantize
@@ -12,8 +12,9 @@ RUNNERS = ("auto", "fast", "hf")
 QUANTIZE = tuple(kind for kind in LINEARS if kind is not None)  # weight formats beside the dtype's own
 
 
-def check_runner_options(kind: str, quantize: str | None, dtype: str) -> None:
-    """Refuse a runner kind or weight format that cannot work, before any model is loaded."""
+def check_runner_options(kind: str, quantize: str | None, dtype: str, max_slots: int = DEFAULT_SLOTS) -> None:
+    """Refuse a runner kind, weight format or slot count that cannot work, before any model is loaded."""
+    check_slots(max_slots)
     if kind not in RUNNERS:
         raise InvalidOptionError(f"runner must be one of {', '.join(RUNNERS)}, got '{kind}'")
     check_quantize(quantize)
@@ -26,7 +27,7 @@ def check_runner_options(kind: str, quantize: str | None, dtype: str) -> None:
 def make_runner(model, kind: str = "auto", quantize: str | None = None, max_slots: int = DEFAULT_SLOTS) -> ModelRunner:
     """`fast` for the families it supports, `hf` (transformers' own forward) for the rest; `auto`
     picks fast where it can. Quantised weights exist only on the fast runner."""
-    check_runner_options(kind, quantize, str(model.dtype).removeprefix("torch."))
+    check_runner_options(kind, quantize, str(model.dtype).removeprefix("torch."), max_slots)
     reason = fast_unsupported_reason(model.config)
     if quantize is not None and reason is not None:
         raise InvalidOptionError(f"quantize={quantize} needs the fast runner ({reason})")

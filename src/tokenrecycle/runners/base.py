@@ -45,8 +45,7 @@ class ModelRunner(ABC):
     loop_note: str | None = None  # why the loop is not the fastest one (a failed C++ build, ...)
 
     def __init__(self, max_slots: int = DEFAULT_SLOTS):
-        if not isinstance(max_slots, int) or isinstance(max_slots, bool) or max_slots < 1:
-            raise InvalidOptionError(f"max_slots must be a whole number of at least 1, got {max_slots!r}")
+        check_slots(max_slots)
         self.max_slots = max_slots
         self._free = list(range(max_slots))
         self._busy: set[int] = set()
@@ -111,6 +110,11 @@ class ModelRunner(ABC):
     @abstractmethod
     def cache_bytes(self) -> int:
         """Memory held by the KV caches of every slot."""
+
+
+def check_slots(max_slots: int) -> None:
+    if not isinstance(max_slots, int) or isinstance(max_slots, bool) or max_slots < 1:
+        raise InvalidOptionError(f"max_slots must be a whole number of at least 1, got {max_slots!r}")
 
 
 def additive_mask(visible: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
