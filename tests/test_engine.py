@@ -279,3 +279,23 @@ def test_the_readmes_engine_example_runs(model_dir):
             seen.add((update.request.id, update.finished))
     assert (a.id, True) in seen and (b.id, True) in seen
     assert a.result.new_tokens == 12 and b.result.stats_line()
+
+
+def test_logprobs_are_the_models_own(engine, reference):
+    """Each decided token's log-probability equals log_softmax of the model's logits at its position."""
+    import torch
+
+    engine.set_tree("tr8")
+    for _ in range(2):  # the second time drafts are accepted: rows come from inside the tree
+        result = alone(engine, PROMPTS[1], RequestSettings(12, logprobs=3))
+    assert max(result.accepted_lengths) > 1 and result.token_ids == reference(1, 12)
+    ids = torch.tensor([PROMPTS[1].tolist() + result.token_ids])
+    with torch.inference_mode():
+        logp = torch.log_softmax(engine.loaded.model(ids).logits[0].float(), dim=-1)
+    start = len(PROMPTS[1]) - 1
+    for i, entry in enumerate(result.logprobs):
+        row = logp[start + i]
+        assert entry.token == result.token_ids[i] and abs(entry.logprob - float(row[entry.token])) < 1e-4
+        assert [t for t, _ in entry.top] == torch.topk(row, 3).indices.tolist()
+    with pytest.raises(InvalidOptionError, match="logprobs"):
+        RequestSettings(4, logprobs=21)

@@ -24,11 +24,18 @@ Verifier = GreedyVerifier | SamplingVerifier
 
 @dataclass
 class Step:
-    """What one forward pass decided: its tokens, and the tree and path behind them (None for the prefill)."""
+    """What one forward pass decided: its tokens, the pass's logits, and the tree and path behind
+    them (None for the prefill, whose logits are the one row that predicted its token)."""
 
     tokens: list[int]
+    logits: torch.Tensor
     tree: DraftTree | None = None
     accepted: np.ndarray | None = None
+
+    def predicting_logits(self) -> torch.Tensor:
+        """One row per decided token: the logits that predicted it (node i's row predicts the
+        token after node i, so the accepted path's rows predict what was decided)."""
+        return self.logits if self.accepted is None else self.logits[torch.as_tensor(self.accepted)]
 
 
 class DecodingLoop:
@@ -65,7 +72,7 @@ class DecodingLoop:
         self.drafter.start(self.prompt_ids, logits)
         self._token = self.verifier.first_token(logits[-1])
         self.produced = 1
-        return Step([self._token])
+        return Step([self._token], logits[-1:])
 
     def next_tree(self) -> DraftTree:
         """The drafter's tree from the last decided token, cut to the depth that can still be used."""
@@ -78,7 +85,7 @@ class DecodingLoop:
         accepted, self._token = self.verifier.verify(tree, logits)
         self.drafter.observe(tree, logits, accepted)
         self.runner.commit(self.slot, accepted)
-        step = Step(tree.tokens[accepted[1:]].tolist() + [self._token], tree, accepted)
+        step = Step(tree.tokens[accepted[1:]].tolist() + [self._token], logits, tree, accepted)
         self.produced += len(step.tokens)
         return step
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .decoding import DecodingLoop, Step
 from .drafters import Drafter
@@ -24,6 +25,27 @@ from .sampling import Sampling
 from .text import OutputAssembler, check_stop_strings
 
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A decided token's log-probability under the target model (its raw logits, as OpenAI and vLLM
+    report it) and the most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(tokens: Sequence[int], logits, top: int) -> list[TokenLogprob]:
+    """Each token's log-probability from the logits row that predicted it, with the `top` best."""
+    logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+    best = torch.topk(logp, top, dim=-1) if top else None
+    return [
+        TokenLogprob(int(t), float(logp[i, t]), tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ())
+        for i, t in enumerate(tokens)
+    ]
 
 
 @dataclass(frozen=True)
@@ -37,12 +59,15 @@ class RequestSettings:
     sampling: Sampling | None = None
     drafter: str | Drafter | None = None
     chat: bool | None = None  # None: the chat template where the model has one
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n most likely
 
     def __post_init__(self):
         tokens = self.max_new_tokens
         if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
             raise InvalidOptionError(f"max_new_tokens must be a whole number of at least 1, got {tokens!r}")
         object.__setattr__(self, "stop", tuple(check_stop_strings(self.stop)))
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidOptionError(f"logprobs must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
 
 
 class RequestState(enum.Enum):
@@ -62,6 +87,7 @@ class GenerationResult:
     seconds: float
     stop_reason: str
     accepted_lengths: list[int] = field(default_factory=list)  # tokens decided per step
+    logprobs: list[TokenLogprob] | None = None  # per token, when the request asked for them
 
     @property
     def mean_accepted(self) -> float:
@@ -96,6 +122,8 @@ class Update:
     tokens: list[int]
     text: str
     finished: bool
+    step: Step  # the forward pass behind it: its tree and accepted path (drafting statistics)
+    logprobs: list[TokenLogprob] | None = None  # for `tokens`, when the request asked for them
 
 
 _ids = itertools.count(1)
@@ -112,6 +140,7 @@ class Request:
         self.slot: int | None = None
         self.loop: DecodingLoop | None = None
         self.accepted_lengths: list[int] = []  # tokens kept per step, after stops
+        self.logprobs: list[TokenLogprob] | None = [] if settings.logprobs is not None else None
         self.submitted = time.perf_counter()
         self.started: float | None = None
         self.first_token_at: float | None = None
@@ -149,6 +178,7 @@ class Request:
             seconds=(self.ended or 0.0) - (self.started or self.ended or 0.0),
             stop_reason=self.assembler.stop_reason or ("cancelled" if self.state is RequestState.CANCELLED else "length"),
             accepted_lengths=list(self.accepted_lengths),
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
 
     # ---- for the engine ----------------------------------------------------------------------
@@ -163,12 +193,16 @@ class Request:
         piece = self.assembler.add(step.tokens)
         kept = self.assembler.tokens[before:]
         self.accepted_lengths.append(len(kept))
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = token_logprobs(kept, step.predicting_logits(), self.settings.logprobs)
+            self.logprobs += logprobs
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         finished = self.assembler.done or self.loop.done
         if finished:
             self.end(RequestState.FINISHED)
-        return Update(self, kept, piece, finished)
+        return Update(self, kept, piece, finished, step, logprobs)
 
     def end(self, state: RequestState) -> None:
         self.state = state
