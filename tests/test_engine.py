@@ -299,3 +299,17 @@ def test_logprobs_are_the_models_own(engine, reference):
         assert [t for t, _ in entry.top] == torch.topk(row, 3).indices.tolist()
     with pytest.raises(InvalidOptionError, match="logprobs"):
         RequestSettings(4, logprobs=21)
+
+
+def test_a_request_that_fails_ends_alone_and_frees_its_slot(engine, reference, monkeypatch):
+    """An error inside one request's step (here its drafter) ends that request; the others go on."""
+    engine.set_tree("tr8")
+    broken = LookupDrafter()
+    monkeypatch.setattr(broken, "propose", lambda root: (_ for _ in ()).throw(RuntimeError("drafter broke")))
+    failing = engine.submit(PROMPTS[0], RequestSettings(MAX_NEW, drafter=broken))
+    healthy = engine.submit(PROMPTS[1], RequestSettings(MAX_NEW))
+    results = run_all(engine, [failing, healthy])
+    assert failing.state is RequestState.FAILED and str(failing.error) == "drafter broke"
+    assert results[0].stop_reason == "error" and results[1].token_ids == reference(1, MAX_NEW)
+    with pytest.raises(RuntimeError, match="drafter broke"):
+        list(engine.run(failing))

@@ -272,20 +272,30 @@ class Engine:
         """Apply cancellations, admit waiting requests, then one forward pass per running request."""
         self.drop_cancelled()
         self._admit()
-        updates = [request.take(request.loop.step()) for request in self._running]
+        updates = [self._advance(request) for request in self._running]
         for update in updates:
             if update.finished:
                 self._close(update.request)
         return updates
 
+    def _advance(self, request: Request) -> Update:
+        try:
+            return request.take(request.loop.step())
+        except Exception as exc:  # one request's failure ends it, not the others
+            request.fail(exc)
+            return Update(request, [], "", True, None)
+
     def run(self, request: Request):
-        """Step the engine until `request` ends; yields its updates (others advance meanwhile)."""
+        """Step the engine until `request` ends; yields its updates (others advance meanwhile) and
+        raises the error that ended it, if one did."""
         while not request.finished:
             if request.state is RequestState.WAITING and not self._running:
                 raise EngineBusyError("the request cannot start: its slot is held outside the engine")
             for update in self.step():
                 if update.request is request:
                     yield update
+        if request.error is not None:
+            raise request.error
 
     def drop_cancelled(self) -> None:
         """End the requests whose cancel was asked for and free their slots (each step does this first)."""

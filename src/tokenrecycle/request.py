@@ -75,6 +75,7 @@ class RequestState(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     CANCELLED = "cancelled"
+    FAILED = "failed"  # an error ended it (request.error)
 
 
 @dataclass
@@ -122,11 +123,12 @@ class Update:
     tokens: list[int]
     text: str
     finished: bool
-    step: Step  # the forward pass behind it: its tree and accepted path (drafting statistics)
+    step: Step | None  # the forward pass behind it: its tree and accepted path (None: it failed)
     logprobs: list[TokenLogprob] | None = None  # for `tokens`, when the request asked for them
 
 
 _ids = itertools.count(1)
+_UNFINISHED = {RequestState.CANCELLED: "cancelled", RequestState.FAILED: "error"}
 
 
 class Request:
@@ -146,6 +148,7 @@ class Request:
         self.first_token_at: float | None = None
         self.ended: float | None = None
         self._cancel_asked = False
+        self.error: Exception | None = None
 
     # ---- for the caller ----------------------------------------------------------------------
     def cancel(self) -> None:
@@ -158,7 +161,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return self.state in (RequestState.FINISHED, RequestState.CANCELLED)
+        return self.state in (RequestState.FINISHED, RequestState.CANCELLED, RequestState.FAILED)
 
     @property
     def text(self) -> str:
@@ -176,7 +179,7 @@ class Request:
             new_tokens=len(self.assembler.tokens),
             steps=len(self.accepted_lengths),
             seconds=(self.ended or 0.0) - (self.started or self.ended or 0.0),
-            stop_reason=self.assembler.stop_reason or ("cancelled" if self.state is RequestState.CANCELLED else "length"),
+            stop_reason=self.assembler.stop_reason or _UNFINISHED.get(self.state, "length"),
             accepted_lengths=list(self.accepted_lengths),
             logprobs=None if self.logprobs is None else list(self.logprobs),
         )
@@ -203,6 +206,10 @@ class Request:
         if finished:
             self.end(RequestState.FINISHED)
         return Update(self, kept, piece, finished, step, logprobs)
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.end(RequestState.FAILED)
 
     def end(self, state: RequestState) -> None:
         self.state = state
