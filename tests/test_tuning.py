@@ -119,6 +119,11 @@ def test_adaptive_tree_starts_from_the_profile_and_is_lossless(tuned, tiny_model
     assert set(engine.recycling.template.paths[1:]) == set(profile.plan.paths)
     assert engine.recycling_drafter(tree=[]).template.num_nodes == 0  # an empty tree stays empty
     assert isinstance(engine.recycling_drafter(), AdaptiveTreeDrafter)
+    alone = engine.submit(PROMPTS[0])
+    assert alone.drafter is engine.recycling  # one request at a time: the engine's own, hot table
+    assert engine.submit(PROMPTS[1]).drafter is not engine.recycling  # a second at once: its own
+    while not engine.idle:
+        engine.step()
     for prompt in PROMPTS:
         ours = generator.generate(prompt, max_new_tokens=24)
         assert ours.token_ids == generator.generate_with_transformers(prompt, max_new_tokens=24).token_ids

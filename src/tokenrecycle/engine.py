@@ -174,10 +174,15 @@ class Engine:
         return entry.build(resources)
 
     def _request_recycling(self) -> TokenRecyclingDrafter:
-        """The Token Recycling drafter a request gets: the shared one, or one of its own."""
-        if self.shared_table and self.recycling.shareable:
+        """The Token Recycling drafter a request gets: the shared one where it can serve (an
+        adaptive tree follows one request at a time), else one of its own."""
+        if self.shared_table and not self._in_use(self.recycling):
             return self.recycling
         return self._new_recycling(self.tree, hot_start=self.shared_table)
+
+    def _in_use(self, drafter: Drafter) -> bool:
+        """Whether a drafter holding one text's state already serves an unfinished request."""
+        return not drafter.shareable and any(r.drafter is drafter for r in (*self._running, *self._waiting))
 
     def draft_runner(self, draft: str):
         """The draft model's runner, built once per engine: `early-exit:N` (this model's first N
@@ -245,7 +250,7 @@ class Engine:
         drafter = settings.drafter
         if drafter is None or isinstance(drafter, str):
             return self.build_drafter(drafter or DEFAULT_DRAFTER, own_table=False)
-        if not drafter.shareable and any(r.drafter is drafter for r in (*self._running, *self._waiting)):
+        if self._in_use(drafter):
             raise InvalidOptionError("this drafter object already serves an unfinished request (it holds one text's state)")
         return drafter
 
