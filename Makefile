@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: run test bench bench-runners llamacpp install clean
+.PHONY: run test bench bench-runners llamacpp install clean serve
 BENCH_ARGS ?= --per-category 10
 
 $(STAMP): pyproject.toml Makefile
@@ -23,6 +23,11 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/tokenrecycle generate --compare "$(PROMPT)"
+
+# The OpenAI-compatible server on the bundled model; SERVE_ARGS adds options, e.g. --port 8080 --api-key KEY.
+SERVE_ARGS ?=
+serve: $(STAMP)
+	$(VENV)/bin/tokenrecycle serve $(SERVE_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer to use")
     index.add_argument("--out", required=True, help="the datastore file to write (.npz)")
     add_bench_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -109,6 +110,24 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--render", metavar="DIR", default=None, help="rebuild report.md and plots from DIR/results.json; run nothing")
 
 
+def add_serve_parser(commands) -> None:
+    from .engine import DEFAULT_MAX_WAITING
+    from .runners import DEFAULT_SLOTS
+    from .server.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server: chat and text completions, streamed or not; /metrics")
+    add_model_options(serve)
+    add_decoding_options(serve)  # --max-new-tokens: the most a request gets when it gives no max_tokens
+    serve.set_defaults(max_new_tokens=DEFAULT_MAX_TOKENS)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
+    serve.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="requests decoded at once, each on its own KV-cache slot")
+    serve.add_argument("--queue", type=int, default=DEFAULT_MAX_WAITING, help="requests that may wait for a slot; one more is answered 429")
+    serve.add_argument("--api-key", default=None, help=f"clients must send Authorization: Bearer KEY (default: ${API_KEY_ENV}; neither: no key needed)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's own, e.g. smollm2)")
+    serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies are answered 413")
+
+
 def float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(item) for item in comma_list(text))
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a bad option already reported in one line
         return int(exit_request.code or 0)
     try:
-        commands = {"generate": run_generate, "chat": run_chat, "tune": run_tune, "bench": run_bench, "index": run_index}
+        commands = {"generate": run_generate, "chat": run_chat, "tune": run_tune, "bench": run_bench, "index": run_index, "serve": run_serve}
         return commands[args.command](args)
     except TokenRecycleError as exc:
         print(f"tokenrecycle: error: {exc}", file=sys.stderr)
@@ -330,6 +349,56 @@ def run_index(args: argparse.Namespace) -> int:
         f"{size / 2**20:.1f} MiB, built in {seconds:.1f} s"
     )
     return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve the engine over HTTP: the listening socket first, then the model loads in the
+    background (/health answers 503 meanwhile); a load that fails ends the server, in one line."""
+    import os
+
+    from .server import API_KEY_ENV, ServerSettings, serve
+    from .server.drafting import Drafting
+
+    if args.stop:
+        raise InvalidOptionError("serve takes stop strings per request (the stop field), not --stop")
+    if args.draft and args.drafter is not None:
+        raise InvalidOptionError("--draft (a draft model) and --drafter (train-free drafting) exclude each other")
+    settings = ServerSettings(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        default_max_tokens=args.max_new_tokens,
+        max_body_bytes=args.max_body_bytes,
+    )
+    drafting = Drafting("draft-model" if args.draft else args.drafter or "recycling", serving_datastore(args), args.draft, args.draft_shape)
+    return serve(lambda: serving_engine(args), settings, drafting, args.host, args.port,
+                 on_stop=(lambda engine: engine.recycling.save(args.table)) if args.table else None)  # fmt: skip
+
+
+def serving_datastore(args: argparse.Namespace):
+    """The datastore retrieval drafts from, read before the server starts (a bad file: one line)."""
+    if not args.datastore:
+        return None
+    from .suffix_automaton import SuffixAutomaton
+
+    return SuffixAutomaton.load(args.datastore)
+
+
+def serving_engine(args: argparse.Namespace):
+    """The server's engine, as generate prepares its generator: tuned on first use, table loaded."""
+    from .generator import Generator
+
+    announce_native_build(args.runner)
+    generator = Generator(args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk,
+                          quantize=args.quantize, max_slots=args.max_slots, max_waiting=args.queue)  # fmt: skip
+    tree = generator.engine.tree
+    if tree.problem:
+        print(f"tokenrecycle: {tree.problem}", file=sys.stderr)
+    if args.tree == "auto" and tree.name != "auto" and not args.no_tune:
+        print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune keeps the static tree)", file=sys.stderr)
+        tune_with_progress(generator, args.tune_seconds)
+    if args.table and Path(args.table).exists():
+        generator.load_table(args.table)
+    return generator.engine
 
 
 def tune_with_progress(generator, seconds: float):
