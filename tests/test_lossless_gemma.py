@@ -32,7 +32,9 @@ def test_loaded_as_gemma3_with_sliding_layers(gemma):
     assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
 
 
-@pytest.mark.parametrize("template", ["tr8", "tr32", "tr80"])
+# A small and the largest tree: every template runs on a tiny Gemma3 with sliding windows in
+# test_lossless_tiny.py; here the real weights (the budget of `make test` is 20 minutes).
+@pytest.mark.parametrize("template", ["tr8", "tr80"])
 def test_matches_plain_greedy(gemma, template):
     gemma.set_tree(template)
     accepted = []

@@ -55,7 +55,7 @@ def baselines(smollm2):
     return {p: smollm2.generate_with_transformers(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
 
 
-# All 32 prompts for the float32 default tree; every third prompt (11, from every group above) for
+# All 32 prompts for the float32 default tree; every other prompt (16, from every group above) for
 # the other trees, the largest and the dynamic one included. The budget of `make test` is 20
 # minutes on two cores; the engine's tests cover interleaving, every drafter and the tree shapes.
 FULL_CHECK = {"tr4"}
@@ -66,7 +66,7 @@ def test_every_template_matches_plain_greedy(smollm2, baselines, template):
     smollm2.set_tree(template)
     mismatches = []
     accepted = []
-    for prompt in PROMPTS if template in FULL_CHECK else PROMPTS[::3]:
+    for prompt in PROMPTS if template in FULL_CHECK else PROMPTS[::2]:
         result = smollm2.generate(prompt, max_new_tokens=MAX_NEW)
         accepted.append(result.mean_accepted)
         if result.token_ids != baselines[prompt]:
@@ -77,8 +77,9 @@ def test_every_template_matches_plain_greedy(smollm2, baselines, template):
 
 
 def test_plain_decoding_on_the_fast_runner_matches_generate(smollm2, baselines):
-    """One token per step on the fast runner is exactly transformers' greedy decoding."""
-    mismatches = [p for p in PROMPTS if smollm2.generate(p, max_new_tokens=MAX_NEW, drafter="plain").token_ids != baselines[p]]
+    """One token per step on the fast runner is exactly transformers' greedy decoding: the prompts
+    the empty tree (`none`, above) does not run, so the two no-draft paths cover all 32."""
+    mismatches = [p for p in PROMPTS[1::2] if smollm2.generate(p, max_new_tokens=MAX_NEW, drafter="plain").token_ids != baselines[p]]
     assert not mismatches, f"plain decoding on the fast runner differs from model.generate on {mismatches}"
 
 
@@ -110,7 +111,7 @@ def test_both_runners_give_the_same_tree_logits(smollm2, smollm2_hf):
 
 def test_long_generation_with_the_default_tree(smollm2):
     smollm2.set_tree(None)
-    for prompt in PROMPTS[:3] + PROMPTS[8:10]:
+    for prompt in PROMPTS[:2] + PROMPTS[8:9]:
         result = smollm2.generate(prompt, max_new_tokens=128)
         assert result.token_ids == smollm2.generate_with_transformers(prompt, max_new_tokens=128).token_ids
 
