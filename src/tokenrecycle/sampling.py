@@ -49,6 +49,8 @@ class Sampling:
         """Settings as a user gives them: temperature 0 means greedy decoding (None), not sampling."""
         if temperature == 0:
             return None
+        if not temperature > 0:
+            raise InvalidOptionError(f"temperature must be 0 (greedy) or positive, got {temperature}")
         return cls(temperature, top_k, top_p, min_p, seed)
 
     def generate_options(self) -> dict:

@@ -79,8 +79,10 @@ class BenchConfig:
             raise InvalidOptionError(f"--repeats must be at least 1, got {self.repeats}")
         if not self.questions:
             raise InvalidOptionError("no questions to run")
-        if not self.temperatures or any(t < 0 for t in self.temperatures):
-            raise InvalidOptionError(f"--temperatures must be 0 (greedy) or positive, got {list(self.temperatures)}")
+        if not self.temperatures:
+            raise InvalidOptionError("--temperatures needs at least one temperature")
+        for temperature in self.temperatures:
+            Sampling.of(temperature)  # Sampling says what a temperature may be (0: greedy)
         unknown = [m for m in self.methods or () if m not in BASE_METHODS]
         if unknown:
             raise InvalidOptionError(f"unknown method '{unknown[0]}' (known: {', '.join(BASE_METHODS)})")
@@ -228,7 +230,7 @@ def build_methods(factory: MethodFactory, config: BenchConfig, section: Section)
     for temperature in config.temperatures:
         # Sampled runs are methods of their own, named with the temperature, against plain
         # sampling at that temperature on their runtime.
-        sampling = Sampling(temperature=temperature) if temperature > 0 else None
+        sampling = Sampling.of(temperature)
         for name, base, tree in names:
             before = current_rss_bytes()
             try:
