@@ -203,6 +203,9 @@ def test_bad_engine_and_request_settings_are_refused(model_dir, engine):
             Engine(model_dir, **options)
     with pytest.raises(InvalidOptionError, match="max_new_tokens"):
         RequestSettings(0)
+    assert Sampling.of(0) is None  # temperature 0 is greedy decoding, decided in one place
+    with pytest.raises(InvalidOptionError, match=r"0 \(greedy\) or positive"):
+        Sampling.of(-0.5)
     with pytest.raises(InvalidOptionError, match="stop string"):
         engine.submit(PROMPTS[0], RequestSettings(4, stop=[""]))
     with pytest.raises(InvalidOptionError, match="unknown drafter"):
