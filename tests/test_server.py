@@ -470,17 +470,37 @@ def test_health_is_503_while_the_model_loads():
 
 
 def test_an_unexpected_exception_is_a_500_and_the_server_goes_on(model_dir):
+    """A bug before the request starts (here in encoding) and one inside a step (here its drafter):
+    OpenAI-shaped 500s (in a stream: an error event), nothing of the traceback sent, and the next
+    request is answered."""
     from fastapi.testclient import TestClient
 
+    from tokenrecycle.drafters.lookup import LookupDrafter
+
     engine = Engine(model_dir, dtype="float32", tree="tr4", max_slots=1)
-    encode = engine.encode
+    encode, build_drafter = engine.encode, engine.build_drafter
     engine.encode = lambda prompt, chat=None: (_ for _ in ()).throw(RuntimeError("boom")) if prompt == "boom" else encode(prompt, chat)
+
+    def broken_lookup(name, **options):
+        if name != "lookup":
+            return build_drafter(name, **options)
+        drafter = LookupDrafter()
+        drafter.propose = lambda root: (_ for _ in ()).throw(RuntimeError("drafter broke"))
+        return drafter
+
+    engine.build_drafter = broken_lookup
     app = create_app(lambda: engine, ServerSettings(served_model_name=MODEL))
+    ask = {"model": MODEL, "prompt": "fine", "max_tokens": 4}
     with TestClient(app, raise_server_exceptions=False) as local:
         assert wait_for(lambda: local.get("/health").status_code == 200)
-        error = assert_openai_error(local.post("/v1/completions", json={"model": MODEL, "prompt": "boom", "max_tokens": 2}), 500)
+        error = assert_openai_error(local.post("/v1/completions", json={**ask, "prompt": "boom"}), 500)
         assert error["type"] == "server_error" and "boom" not in error["message"]
-        fine = local.post("/v1/completions", json={"model": MODEL, "prompt": "fine", "max_tokens": 2})
+        error = assert_openai_error(local.post("/v1/completions", json={**ask, "drafter": "lookup"}), 500)
+        assert "broke" not in error["message"]
+        with local.stream("POST", "/v1/completions", json={**ask, "drafter": "lookup", "stream": True}) as streamed:
+            events = sse_events(streamed)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["type"] == "server_error" and "broke" not in json.dumps(events)
+        fine = local.post("/v1/completions", json=ask)
         assert fine.status_code == 200 and fine.json()["usage"]["completion_tokens"] >= 1
 
 
