@@ -95,6 +95,7 @@ def server(model_dir, tmp_path_factory):
     running = ServerProcess(model_dir, log, "--max-slots", str(SLOTS), "--queue", str(QUEUE), "--max-body-bytes", str(BODY_LIMIT))
     yield running
     assert running.stop() == 0, log.read_text(errors="replace")
+    assert "Traceback" not in log.read_text(errors="replace")  # no error here was unexpected, disconnects included
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +424,17 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(http, client, engine):
     assert wait_for(lambda: metric(http, "tokenrecycle_active_slots") == 0, timeout=5)
     generated = metric(http, "tokenrecycle_generated_tokens_total") - generated_before
     assert generated - expected.new_tokens < 900  # the leaver was cut short, far from its 1000 tokens
+
+
+def test_a_client_that_stops_waiting_for_a_whole_answer_frees_its_slot(server, http):
+    generated_before = metric(http, "tokenrecycle_generated_tokens_total")
+    body = {"model": MODEL, "prompt": "count", "max_tokens": 1000, "temperature": 1.0, "seed": 8}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5, trust_env=False) as impatient:
+        with pytest.raises(httpx.ReadTimeout):
+            impatient.post("/v1/completions", json=body)
+    assert wait_for(lambda: metric(http, "tokenrecycle_active_slots") == 0, timeout=5)
+    assert metric(http, "tokenrecycle_generated_tokens_total") - generated_before < 900
+    assert_next_request_succeeds(http)
 
 
 def test_bounded_load_adds_up_in_metrics(http, client):

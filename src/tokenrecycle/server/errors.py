@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import EngineBusyError, PromptTooLongError, TokenRecycleError
 from .scheduler import EngineNotReadyError, EngineStoppedError
@@ -90,7 +91,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
 class CatchAll:
     """ASGI middleware: an exception nothing else answered is logged and becomes a 500 in OpenAI's
-    shape (when the response has not started yet); the server keeps serving."""
+    shape (when the response has not started yet); the server keeps serving. A client that left
+    before its answer was sent is no error."""
 
     def __init__(self, app):
         self.app = app
@@ -98,16 +100,23 @@ class CatchAll:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
+        started = client_gone = False
 
         async def tracking_send(message):
-            nonlocal started
+            nonlocal started, client_gone
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # uvicorn's ClientDisconnected: the connection is closed
+                client_gone = True
+                raise
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
+        except Exception as exc:
+            if client_gone or isinstance(exc, ClientDisconnect):
+                log.debug("the client left before its answer was sent: %s %s", scope.get("method"), scope.get("path"))
+                return
             log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await internal_error().response()(scope, receive, send)
