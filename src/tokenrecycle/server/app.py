@@ -78,7 +78,7 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        serving.scheduler.start(asyncio.get_running_loop())
+        serving.scheduler.start()
         try:
             yield
         finally:

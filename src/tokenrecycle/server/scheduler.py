@@ -109,13 +109,12 @@ class Scheduler:
         self._stopping = False
         self._tracked: dict[Request, _Tracked] = {}  # engine thread only
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.state = EngineState.LOADING
         self.load_error: BaseException | None = None
 
     # ---- the event loop's side -----------------------------------------------------------
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def start(self) -> None:
+        """Load the engine on its own thread, then serve the inbox there."""
         self._thread = threading.Thread(target=self._main, name="tokenrecycle-engine", daemon=True)
         self._thread.start()
 
