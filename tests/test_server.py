@@ -303,6 +303,7 @@ ERRORS = [
     ("malformed JSON", "/v1/chat/completions", b'{"model": "tiny", ', 400, None),
     ("not an object", "/v1/chat/completions", [1, 2], 400, None),
     ("wrong type", "/v1/chat/completions", chat_body(temperature="hot"), 400, "temperature"),
+    ("negative temperature", "/v1/chat/completions", chat_body(temperature=-1), 400, "temperature"),
     ("zero max_tokens", "/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
     ("top_p out of range", "/v1/chat/completions", chat_body(top_p=2), 400, "top_p"),
     ("n above 1", "/v1/chat/completions", chat_body(n=2), 400, "n"),
