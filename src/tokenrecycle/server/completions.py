@@ -98,7 +98,7 @@ async def _stream(submission: Submission, http: Request, reply: Answer, poll_s: 
             if event.error is not None:
                 yield sse(api_error_of(event.error).body())
                 break
-            for chunk in reply.progress(event.text, event.logprobs):
+            for chunk in reply.progress(event.text, event.logprobs, len(event.tokens), event.drafted):
                 yield sse(chunk)
             if event.result is not None:
                 for chunk in reply.closing(event.result):

@@ -261,6 +261,9 @@ def statistics(result: GenerationResult, drafter: str) -> dict:
     return {"steps": result.steps, "mean_accepted": result.mean_accepted, "drafter": drafter, "accepted_lengths": result.accepted_lengths}
 
 
+STEP_COUNTS = ("steps", "tokens", "drafted")  # a chunk's extra field: what its text came from
+
+
 def _logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
@@ -276,6 +279,7 @@ class Answer:
         self.id = f"{self.prefix}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model, self.pieces, self.drafter, self.include_usage = model, pieces, drafter, include_usage
+        self._unsent = dict.fromkeys(STEP_COUNTS, 0)  # steps, their tokens and accepted draft tokens not yet in a chunk
 
     def response(self, result: GenerationResult) -> dict:
         choice = {"index": 0, **self._whole(result), "logprobs": self._logprobs(result.logprobs), "finish_reason": finish_reason(result)}
@@ -284,10 +288,17 @@ class Answer:
     def opening(self) -> list[dict]:
         return []
 
-    def progress(self, text: str, logprobs: list[TokenLogprob] | None) -> list[dict]:
+    def progress(self, text: str, logprobs: list[TokenLogprob] | None, tokens: int = 0, drafted: int = 0) -> list[dict]:
+        """One step's chunk: its text, and in the extra field what that text came from (the
+        counts of steps whose text is held back, e.g. half a character, go with the next chunk)."""
+        if tokens:
+            for name, count in zip(STEP_COUNTS, (1, tokens, drafted)):
+                self._unsent[name] += count
         if not text and not logprobs:
             return []
-        return [self._chunk({**self._piece(text), "logprobs": self._logprobs(logprobs), "finish_reason": None})]
+        chunk = self._chunk({**self._piece(text), "logprobs": self._logprobs(logprobs), "finish_reason": None})
+        chunk["tokenrecycle"], self._unsent = self._unsent, dict.fromkeys(STEP_COUNTS, 0)
+        return [chunk]
 
     def closing(self, result: GenerationResult) -> list[dict]:
         last = self._chunk({**self._piece(""), "logprobs": None, "finish_reason": finish_reason(result)})

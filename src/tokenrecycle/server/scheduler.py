@@ -59,6 +59,7 @@ class Event:
     logprobs: list[TokenLogprob] | None = None
     result: GenerationResult | None = None
     error: BaseException | None = None
+    drafted: int = 0  # how many of `tokens` were accepted draft tokens (the rest: the model's own)
 
     @property
     def last(self) -> bool:
@@ -289,7 +290,7 @@ class Scheduler:
             tracked.deliver(Event(error=request.error))
             return
         result = request.result if update.finished else None
-        tracked.deliver(Event(update.text, list(update.tokens), update.logprobs, result))
+        tracked.deliver(Event(update.text, list(update.tokens), update.logprobs, result, drafted=_drafted(update)))
 
     def _cancel(self, engine: Engine, request: Request) -> None:
         tracked = self._tracked.pop(request, None)
@@ -328,6 +329,15 @@ class Scheduler:
                 self._on_stop(engine)
             except Exception:
                 log.exception("the shutdown hook failed")
+
+
+def _drafted(update: Update) -> int:
+    """A step's tokens are its accepted draft tokens, then the model's own (bonus) token; a stop
+    keeps only the first ones. The prefill drafts nothing."""
+    step = update.step
+    if step is None or step.tree is None:
+        return 0
+    return min(len(update.tokens), len(step.tokens) - 1)
 
 
 def _settle(future: asyncio.Future, value: Any, error: BaseException | None) -> None:
