@@ -11,16 +11,11 @@ Everything talks to 127.0.0.1 only, and every wait is bounded.
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,14 +26,11 @@ from tokenrecycle import Engine, RequestSettings
 from tokenrecycle.sampling import Sampling
 from tokenrecycle.server import ServerSettings, create_app
 from tokenrecycle.server.tokens import TokenPieces
-from tiny_models import one_thread, save_tiny_llama, smollm2_tokenizer  # noqa: F401
+from serving import KEY, MODEL, ServerProcess, metric, model_dir, sse_events, wait_for  # noqa: F401
+from tiny_models import one_thread  # noqa: F401
 
-MODEL = "tiny"
-KEY = "test-key"
 SLOTS, QUEUE = 4, 4
 BODY_LIMIT = 100_000
-START_TIMEOUT_S = 90
-READY_LINE = re.compile(r"serving (\S+) on (http://127\.0\.0\.1:\d+)/v1")
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name a colour."},
@@ -49,46 +41,6 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "def reverse(s):", "Rain i
 
 
 # ---- the server ----------------------------------------------------------------------------
-class ServerProcess:
-    """`tokenrecycle serve` in a subprocess, one torch thread; its stderr in a file."""
-
-    def __init__(self, model_dir: str, log: Path, *options: str):
-        command = [sys.executable, "-m", "tokenrecycle.cli", "serve", "--model", model_dir, "--dtype", "float32",
-                   "--tree", "tr4", "--port", "0", "--served-model-name", MODEL, *options]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENRECYCLE_API_KEY": KEY}
-        self.log = log
-        with open(log, "wb") as stderr:
-            self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        self.url = self._wait_until_serving()
-
-    def _wait_until_serving(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            found = READY_LINE.search(self.log.read_text(errors="replace"))
-            if found:
-                return found.group(2)
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"the server did not start:\n{self.log.read_text(errors='replace')}")
-
-    def stop(self, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        return self.process.returncode
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, one_thread):
-    return save_tiny_llama(tmp_path_factory.mktemp("serve") / "model", smollm2_tokenizer(), 2, seed=3)
-
-
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
@@ -123,34 +75,6 @@ def pieces(engine):
 
 def extra(model, name: str = "tokenrecycle"):
     return (model.model_extra or {})[name]
-
-
-def metric(http, name: str, labels: str = "") -> float:
-    """A sample's value in /metrics (0 when absent), summed over its label sets matching `labels`."""
-    text = http.get("/metrics").text
-    pattern = re.compile(rf"^{name}(\{{[^}}]*\}})? (\S+)$", re.M)
-    return sum(float(value) for found_labels, value in pattern.findall(text) if labels in (found_labels or ""))
-
-
-def wait_for(condition, timeout: float = 10, every: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(every)
-    return condition()
-
-
-def sse_events(response) -> list:
-    """The data of each Server-Sent Event of a streamed response; [DONE] as the string."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-        else:
-            assert line == "", line
-    return events
 
 
 # ---- answers -------------------------------------------------------------------------------
