@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's chat and text completions, models, health, metrics, tokenize.
+"""The FastAPI app: OpenAI's chat and text completions, models, health, metrics, tokenize, and the chat page.
 
 `create_app` builds an app that holds all its state (`app.state.serving`): the scheduler whose
 thread loads and owns the engine, the metrics, the settings. The engine loads in the background
@@ -11,6 +11,7 @@ import asyncio
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib import resources
 from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -28,6 +29,10 @@ from .settings import ServerSettings
 from .tokens import TokenPieces
 
 SHUTDOWN_WAIT_S = 30.0  # for the engine thread to finish its step and stop
+CHAT_PAGE = resources.files(__package__).joinpath("static", "index.html")
+# The page fetches nothing but this server's API: no other origin, no plugins, no framing.
+CHAT_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+                    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize"})
 
 
@@ -95,6 +100,13 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings | Non
         check_api_key(request, settings.api_key)
 
     guarded = [Depends(authorized)]
+    page = CHAT_PAGE.read_bytes()
+
+    @app.get("/")
+    async def chat_page():
+        """The chat page, static: no key is needed to load it (it asks for one when the API does)."""
+        headers = {"Content-Security-Policy": CHAT_PAGE_POLICY, "Cache-Control": "no-cache"}
+        return Response(page, media_type="text/html; charset=utf-8", headers=headers)
 
     @app.get("/health")
     async def health():
