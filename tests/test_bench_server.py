@@ -1,0 +1,118 @@
+"""scripts/bench_server.py's pure parts: SSE timing, percentiles, the table. No servers start."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_server.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_server", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def chunk(**choice) -> str:
+    return "data: " + json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, **choice}]})
+
+
+def test_percentile_interpolates_between_ranks_as_numpy_does(bench):
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert bench.percentile(values, 0) == 1.0
+    assert bench.percentile(values, 100) == 4.0
+    assert bench.percentile(values, 50) == 2.5
+    assert bench.percentile(values, 95) == pytest.approx(3.85)
+    assert bench.percentile([7.0], 95) == 7.0
+    assert math.isnan(bench.percentile([], 50))
+    with pytest.raises(ValueError):
+        bench.percentile(values, 101)
+
+
+def test_parse_sse_times_the_first_text_not_the_role_chunk(bench):
+    events = [
+        (0.10, chunk(delta={"role": "assistant", "content": ""}, finish_reason=None).encode() + b"\n"),
+        (0.10, b"\n"),
+        (0.20, b": ping - 2025-01-01\r\n"),
+        (0.35, chunk(delta={"content": "Hel"}, finish_reason=None)),
+        (0.40, chunk(delta={"content": "lo"}, finish_reason=None)),
+        (0.45, chunk(delta={}, finish_reason="length")),
+        (0.46, "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}})),
+        (0.47, "data: [DONE]"),
+        (0.50, chunk(delta={"content": "after done"})),
+    ]
+    stream = bench.parse_sse(events)
+    assert stream.ttft_s == 0.35
+    assert stream.text == "Hello"
+    assert stream.content_chunks == 2
+    assert (stream.completion_tokens, stream.prompt_tokens) == (3, 12)
+    assert stream.finish_reason == "length"
+    assert stream.done and stream.error is None
+
+
+def test_a_stream_without_usage_counts_text_chunks_and_one_without_done_is_an_error(bench):
+    stream = bench.parse_sse([(0.2, chunk(delta={"content": "a"})), (0.3, chunk(delta={"content": "b"}))])
+    record = bench.record_of(0, 0.5, stream)
+    assert (record.completion_tokens, record.tokens_from_usage) == (2, False)
+    assert record.ttft_s == 0.2
+    assert "[DONE]" in record.error
+
+
+def test_error_events_and_bad_json_are_errors(bench):
+    stream = bench.parse_sse([(0.1, 'data: {"error": {"message": "shutting down"}}'), (0.2, "data: [DONE]")])
+    assert "shutting down" in stream.error and stream.done
+    assert "not JSON" in bench.parse_sse([(0.1, "data: {oops"), (0.2, "data: [DONE]")]).error
+
+
+def run(bench, name, concurrency, latencies, tokens=10, errors=0, wall=2.0):
+    records = [bench.RequestRecord(i, lat, lat / 4, tokens) for i, lat in enumerate(latencies)]
+    records += [bench.RequestRecord(len(records) + i, 9.0, error="HTTP 500") for i in range(errors)]
+    return bench.RunResult(name, concurrency, wall, records, 1.5, 1.75)
+
+
+def test_run_statistics_leave_failed_requests_out(bench):
+    result = run(bench, "a", 2, [1.0, 2.0, 3.0], tokens=10, errors=1, wall=3.0)
+    assert result.errors == 1 and result.tokens == 30
+    assert result.tokens_per_s == 10.0
+    assert result.median_latency_s == 2.0
+    assert result.median_ttft_s == 0.5
+    assert result.p95_latency_s == pytest.approx(2.9)
+
+
+def test_markdown_table_has_a_row_per_run_sorted_by_level_then_server_order(bench):
+    runs = [run(bench, "llama", 2, [1.0]), run(bench, "ours", 2, [1.0]), run(bench, "ours", 1, [0.5, 1.5], errors=1)]
+    text = bench.render_markdown(bench.sorted_runs(runs, ["ours", "llama"]))
+    lines = text.splitlines()
+    assert lines[0].startswith("| server | concurrency | requests |") and "aggregate tokens/s" in lines[0]
+    assert lines[1] == "|" + "|".join(["---"] * len(bench.TABLE_HEADER)) + "|"
+    assert [line.split(" | ")[0:2] for line in lines[2:]] == [["| ours", "1"], ["| ours", "2"], ["| llama", "2"]]
+    assert lines[2] == "| ours | 1 | 3 | 20 | 10.0 | 1.00 | 1.45 | 0.250 | 1 | 1.5-1.8 |"
+    assert all(line.count("|") == len(bench.TABLE_HEADER) + 1 for line in lines)
+    empty = bench.RunResult("down", 4, 1.0, [bench.RequestRecord(0, 1.0, error="refused")])
+    assert bench.table_row(empty)[4:8] == ("0.0", "-", "-", "-")
+
+
+def test_rotation_starts_each_level_with_the_next_server(bench):
+    assert bench.rotated(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert bench.rotated(["a", "b", "c"], 1) == ["b", "c", "a"]
+    assert bench.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    assert bench.rotated([], 3) == []
+
+
+def test_overhead_line_compares_the_server_with_generate_at_concurrency_1(bench):
+    server = run(bench, "tokenrecycle, Token Recycling", 1, [1.1, 2.2], wall=4.0)
+    generate = run(bench, "generate, Token Recycling", 1, [1.0, 2.0], wall=3.6)
+    (line,) = bench.overhead_lines([server, generate, run(bench, "tokenrecycle, Token Recycling", 2, [1.0])])
+    assert "ratio 0.900" in line and "+150 ms" in line
