@@ -47,5 +47,13 @@ llamacpp: $(STAMP)
 bench-runners: $(STAMP)
 	$(VENV)/bin/tokenrecycle bench --dtype bfloat16 --methods ar,plain,tr,tr-hf,int4-plain,int4-tr,auto,llamacpp --out bench-results/runners $(BENCH_ARGS)
 
+# The serving benchmark (scripts/bench_server.py): tokenrecycle serve with Token Recycling and with
+# drafting off, and llama.cpp's own server (after make llamacpp) on the same GGUF, at concurrency
+# 1, 2, 4 and 8, one server at a time; SERVE_BENCH_ARGS adds options, e.g. --per-category 2 --no-tune.
+.PHONY: bench-serve
+SERVE_BENCH_ARGS ?=
+bench-serve: $(STAMP)
+	$(PY) scripts/bench_server.py --out bench-results/serving.md $(SERVE_BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV)
