@@ -212,7 +212,7 @@ class Engine:
         return self.loaded.tokenizer
 
     def encode(self, prompt: Prompt, chat: bool | None = None) -> np.ndarray:
-        return encode_prompt(self.loaded.tokenizer, prompt, chat)
+        return encode_prompt(self.loaded.tokenizer, prompt, chat, self.runner.vocab_size)
 
     def check_fits(self, prompt_ids: np.ndarray, max_new_tokens: int) -> None:
         limit = self.runner.max_context

@@ -6,19 +6,22 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import EmptyPromptError
+from .errors import EmptyPromptError, InvalidOptionError
 
 # What a prompt may be: text (a user turn), chat messages ({"role", "content"} dicts, for
 # multi-turn conversations) or token ids already encoded.
 Prompt = str | Sequence[dict] | np.ndarray
 
 
-def encode_prompt(tokenizer, prompt: Prompt, chat: bool | None = None) -> np.ndarray:
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool | None = None, vocab_size: int | None = None) -> np.ndarray:
     """Token ids of a prompt; instruct models get their chat template unless chat=False.
-    Messages without a chat template are joined as plain text; token ids pass through."""
+    Messages without a chat template are joined as plain text; token ids pass through, checked
+    against the model's vocabulary."""
     if isinstance(prompt, np.ndarray):
         if prompt.ndim != 1 or len(prompt) == 0:
             raise EmptyPromptError("the prompt is empty")
+        if vocab_size is not None:
+            check_token_ids(prompt, vocab_size)
         return prompt.astype(np.int64, copy=False)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not messages:
@@ -32,6 +35,13 @@ def encode_prompt(tokenizer, prompt: Prompt, chat: bool | None = None) -> np.nda
     else:
         ids = tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
     return np.asarray(ids, dtype=np.int64)
+
+
+def check_token_ids(ids, vocab_size: int) -> None:
+    """Token ids the model has."""
+    bad = [int(t) for t in ids if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise InvalidOptionError(f"token ids outside the vocabulary (0 to {vocab_size - 1}): {bad[:5]}")
 
 
 def check_prompt_text(text: str) -> str:

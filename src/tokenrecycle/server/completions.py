@@ -10,15 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import AsyncIterator
 
-import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import Engine
+from ..errors import InvalidOptionError
 from .drafting import Drafting
-from .errors import api_error_of
+from .errors import ApiError, api_error_of
 from .http import SSE_DONE, sse
-from .protocol import Answer, Generation, check_token_ids
+from .protocol import Answer, Generation
 from .scheduler import Event, Scheduler, Submission, Submit
 
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer
@@ -27,9 +27,10 @@ CLIENT_GONE = 499  # nginx's code for a client that closed the connection before
 def prepare(engine: Engine, generation: Generation, drafting: Drafting) -> Submit:
     """On the engine thread: the prompt's ids (encoded once), the request's token budget when it
     gave none (as many as fit, up to the server's default) and its drafter."""
-    ids = engine.encode(generation.prompt, generation.settings.chat)
-    if isinstance(generation.prompt, np.ndarray):
-        check_token_ids(ids, engine.runner.vocab_size, "prompt")
+    try:
+        ids = engine.encode(generation.prompt, generation.settings.chat)
+    except InvalidOptionError as exc:  # an empty prompt, a token id the model lacks: that field's
+        raise ApiError.invalid(str(exc), "messages" if isinstance(generation.prompt, list) else "prompt") from None
     settings = generation.settings
     if generation.fill:
         engine.check_fits(ids, 1)  # no room for even one token: the engine's own message

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidOptionError
+from .. import prompts
 from ..prompts import Prompt
 from ..request import GenerationResult, RequestSettings, TokenLogprob
 from ..sampling import Sampling
@@ -105,10 +106,11 @@ def parse_detokenize(body: dict) -> list[int]:
 
 
 def check_token_ids(ids, vocab_size: int, param: str) -> None:
-    """Token ids the model has (the prompt's owner passes id arrays through as they are)."""
-    bad = [int(t) for t in ids if not 0 <= int(t) < vocab_size]
-    if bad:
-        raise ApiError.invalid(f"{param} holds token ids outside the vocabulary (0 to {vocab_size - 1}): {bad[:5]}", param)
+    """Token ids the model has (prompts.check_token_ids), an error naming the field."""
+    try:
+        prompts.check_token_ids(ids, vocab_size)
+    except InvalidOptionError as exc:
+        raise ApiError.invalid(f"{param} holds {exc}", param) from None
 
 
 def _generation(body: dict, prompt: Prompt, settings: RequestSettings, fill: bool) -> Generation:
