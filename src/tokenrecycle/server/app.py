@@ -126,23 +126,22 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings | Non
         card = {"id": model.name, "object": "model", "created": model.loaded_at, "owned_by": "tokenrecycle", "max_model_len": model.max_context}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(request: Request):
+    async def generate(request: Request, parse, reply_class):
+        """Chat and text completions differ only in how the body is read and the answer shaped."""
         model = serving.ready_model()
         body = await read_json(request, settings.max_body_bytes)
         check_model(body, model.name)
-        generation = parse_chat(body, settings.default_max_tokens)
-        reply = ChatAnswer(model.name, model.pieces, serving.drafting.name(generation.drafter), generation.include_usage)
+        generation = parse(body, settings.default_max_tokens)
+        reply = reply_class(model.name, model.pieces, serving.drafting.name(generation.drafter), generation.include_usage)
         return await answer(serving.scheduler, request, generation, serving.drafting, reply, settings.disconnect_poll_s)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request):
+        return await generate(request, parse_chat, ChatAnswer)
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request):
-        model = serving.ready_model()
-        body = await read_json(request, settings.max_body_bytes)
-        check_model(body, model.name)
-        generation = parse_completion(body, settings.default_max_tokens)
-        reply = CompletionAnswer(model.name, model.pieces, serving.drafting.name(generation.drafter), generation.include_usage)
-        return await answer(serving.scheduler, request, generation, serving.drafting, reply, settings.disconnect_poll_s)
+        return await generate(request, parse_completion, CompletionAnswer)
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(request: Request):
