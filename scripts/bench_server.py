@@ -6,9 +6,10 @@ For each concurrency level (default 1, 2, 4, 8) every server is started on its o
 loaded at once), on 127.0.0.1 at a free port, waited for, warmed up, sent the same Spec-Bench
 first turns as streamed greedy chat completions (temperature 0, max_tokens 128) from a thread pool
 of that size, and stopped by the process id this script started. The order of the servers rotates
-from one level to the next. At concurrency 1 the same prompts also run in this process through
-`Generator.generate`'s streaming form (same model, dtype and tree, after the same warm-up), so the
-server's HTTP and scheduling overhead is a measured ratio.
+from one level to the next. Then the overhead check: each tokenrecycle server again, with a
+`Generator` in this process (same model, dtype and tree, same warm-up), every prompt through one and
+then the other, back to back (which goes first alternates), so the server's HTTP and scheduling
+cost at concurrency 1 is a measured ratio that load from elsewhere on the machine hits alike.
 
     .venv/bin/python scripts/bench_server.py --per-category 1 --out bench-results/serving.md
 
@@ -434,35 +435,123 @@ def bench_server(spec: ServerSpec, prompts: Sequence[str], concurrency: int, arg
     return RunResult(spec.name, concurrency, wall, records, load_before, os.getloadavg()[0], {"log": str(server.log_path)})
 
 
-# ---- in-process: Generator.generate on the same prompts ----------------------------------------
-def bench_generate(name: str, drafter: str | None, prompts: Sequence[str], args: argparse.Namespace) -> RunResult:
-    """The prompts one after another through Generator.stream (generate, with the time to its first
-    piece), on a fresh Generator as each server starts fresh, after the same warm-up."""
+# ---- the overhead check: the server against Generator.generate, prompt by prompt ------------------
+def generate_record(generator, index: int, prompt: str, max_tokens: int, drafter: str | None) -> RequestRecord:
+    """One prompt through Generator.stream (generate, with the time to its first piece)."""
+    began = time.perf_counter()
+    first = None
+    stream = generator.stream(prompt, max_tokens, drafter=drafter)
+    for _piece in stream:
+        if first is None:
+            first = time.perf_counter() - began
+    result = stream.result
+    finish = "length" if result.stop_reason == "length" else "stop"
+    return RequestRecord(index, time.perf_counter() - began, first, result.new_tokens, result.prompt_tokens, finish_reason=finish)
+
+
+@dataclass
+class PairedResult:
+    """Each prompt once through a tokenrecycle server and once through Generator.generate in this
+    process, back to back (which goes first alternates), so both see the same machine load."""
+
+    name: str  # the server's
+    drafter: str
+    pairs: list[tuple[RequestRecord, RequestRecord]]  # (server, generate) per prompt
+    load_before: float | None = None
+    load_after: float | None = None
+
+    @property
+    def ok(self) -> list[tuple[RequestRecord, RequestRecord]]:
+        return [(a, b) for a, b in self.pairs if a.error is None and b.error is None]
+
+    def _tokens_per_s(self, side: int) -> float:
+        records = [pair[side] for pair in self.ok]
+        seconds = sum(r.latency_s for r in records)
+        return sum(r.completion_tokens for r in records) / seconds if seconds > 0 else math.nan
+
+    @property
+    def server_tokens_per_s(self) -> float:
+        return self._tokens_per_s(0)
+
+    @property
+    def generate_tokens_per_s(self) -> float:
+        return self._tokens_per_s(1)
+
+    @property
+    def ratio(self) -> float:
+        return ratio(self.server_tokens_per_s, self.generate_tokens_per_s)
+
+    @property
+    def median_prompt_ratio(self) -> float:
+        return median((a.completion_tokens / a.latency_s) / (b.completion_tokens / b.latency_s)
+                      for a, b in self.ok if a.latency_s > 0 and b.latency_s > 0 and b.completion_tokens)  # fmt: skip
+
+    @property
+    def median_added_ms(self) -> float:
+        return median((a.latency_s - b.latency_s) * 1000 for a, b in self.ok)
+
+    @property
+    def median_added_ttft_ms(self) -> float:
+        return median((a.ttft_s - b.ttft_s) * 1000 for a, b in self.ok if a.ttft_s is not None and b.ttft_s is not None)
+
+    @property
+    def same_tokens(self) -> int:
+        return sum(a.completion_tokens == b.completion_tokens for a, b in self.ok)
+
+
+PAIRED_HEADER = ("server (drafter)", "prompts", "server tokens/s", "generate tokens/s", "ratio", "median per-prompt ratio",
+                 "median added latency (ms)", "median added TTFT (ms)", "errors", "load (1 min)")  # fmt: skip
+
+
+def paired_row(result: PairedResult) -> tuple[str, ...]:
+    loads = [x for x in (result.load_before, result.load_after) if x is not None]
+    return (
+        f"{result.name} ({result.drafter})", str(len(result.pairs)), _number(result.server_tokens_per_s, 1),
+        _number(result.generate_tokens_per_s, 1), _number(result.ratio, 3), _number(result.median_prompt_ratio, 3),
+        _signed(result.median_added_ms), _signed(result.median_added_ttft_ms), str(len(result.pairs) - len(result.ok)),
+        "-" if not loads else "-".join(f"{x:.1f}" for x in loads),
+    )  # fmt: skip
+
+
+def _signed(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:+.0f}"
+
+
+def render_paired_markdown(results: Sequence[PairedResult]) -> str:
+    rows = [PAIRED_HEADER] + [paired_row(r) for r in results]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in PAIRED_HEADER) + "|")
+    return "\n".join(lines)
+
+
+def bench_paired(spec: ServerSpec, drafter: str | None, prompts: Sequence[str], args: argparse.Namespace, log_dir: Path) -> PairedResult:
+    """The server and a fresh in-process Generator (same model, dtype and tree), both warmed up
+    alike, then every prompt through each, back to back. Both are loaded, but one runs at a time."""
     from tokenrecycle import Generator
 
     load_before = os.getloadavg()[0]
-    generator = Generator(args.model, dtype=args.dtype, tree=args.tree)
-    try:
-        for text in WARM_UP_PROMPTS[: args.warm_up]:
-            generator.generate(text, WARM_UP_TOKENS, drafter=drafter)
-        records = []
-        start = time.perf_counter()
-        for index, prompt in enumerate(prompts):
-            began = time.perf_counter()
-            first = None
-            stream = generator.stream(prompt, args.max_tokens, drafter=drafter)
-            for _piece in stream:
-                if first is None:
-                    first = time.perf_counter() - began
-            result = stream.result
-            records.append(RequestRecord(index, time.perf_counter() - began, first, result.new_tokens, result.prompt_tokens,
-                                         finish_reason="length" if result.stop_reason == "length" else "stop"))  # fmt: skip
-        wall = time.perf_counter() - start
-        notes = {"setup": generator.engine.describe(drafter or "recycling").summary()}
-    finally:
-        del generator
-        gc.collect()
-    return RunResult(name, 1, wall, records, load_before, os.getloadavg()[0], notes)
+    with ManagedServer(spec, log_dir, args.start_timeout) as server:
+        model = server.model_name()
+        generator = Generator(args.model, dtype=args.dtype, tree=args.tree)
+        try:
+            for text in WARM_UP_PROMPTS[: args.warm_up]:
+                warm = stream_chat(server.port, chat_body(model, text, WARM_UP_TOKENS), args.request_timeout)
+                if warm.error:
+                    raise RuntimeError(f"{spec.name}: warm-up failed: {warm.error}\n{server.log_tail()}")
+                generator.generate(text, WARM_UP_TOKENS, drafter=drafter)
+            pairs = []
+            for index, prompt in enumerate(prompts):
+                ask_server = lambda: stream_chat(server.port, chat_body(model, prompt, args.max_tokens), args.request_timeout, index)  # noqa: E731
+                ask_generate = lambda: generate_record(generator, index, prompt, args.max_tokens, drafter)  # noqa: E731
+                if index % 2 == 0:
+                    served, generated = ask_server(), ask_generate()
+                else:
+                    generated, served = ask_generate(), ask_server()
+                pairs.append((served, generated))
+        finally:
+            del generator
+            gc.collect()
+    return PairedResult(spec.name, drafter or "recycling", pairs, load_before, os.getloadavg()[0])
 
 
 def prepare_tree(args: argparse.Namespace) -> str:
@@ -500,24 +589,17 @@ def load_prompts(path: str | None, per_category_count: int) -> tuple[list[str], 
 
 
 # ---- the report ------------------------------------------------------------------------------
-def overhead_lines(runs: Sequence[RunResult]) -> list[str]:
-    """At concurrency 1: each tokenrecycle server's tokens/s against generate's with the same drafter."""
-    by_name = {run.name: run for run in runs if run.concurrency == 1}
-    lines = []
-    for server, generate in (("tokenrecycle, Token Recycling", "generate, Token Recycling"), ("tokenrecycle, drafting off", "generate, drafting off")):
-        if server in by_name and generate in by_name:
-            s, g = by_name[server], by_name[generate]
-            paired = [a.latency_s - b.latency_s for a, b in zip(s.records, g.records) if a.error is None and b.error is None]
-            lines.append(
-                f"- {server} at concurrency 1: {s.tokens_per_s:.1f} tokens/s against {g.tokens_per_s:.1f} for "
-                f"`Generator.generate` in process: ratio {ratio(s.tokens_per_s, g.tokens_per_s):.3f} "
-                f"(median per-request latency {s.median_latency_s:.2f} s vs {g.median_latency_s:.2f} s; "
-                f"median paired difference {median(paired) * 1000:+.0f} ms; tokens {s.tokens} vs {g.tokens})"
-            )
-    return lines
+def paired_lines(results: Sequence[PairedResult]) -> list[str]:
+    return [
+        f"- {r.name} at concurrency 1: {r.server_tokens_per_s:.1f} tokens/s against {r.generate_tokens_per_s:.1f} for "
+        f"`Generator.generate` in process on the same prompts, back to back: ratio {r.ratio:.3f} "
+        f"(median per prompt {r.median_prompt_ratio:.3f}; median added latency {_signed(r.median_added_ms)} ms, "
+        f"TTFT {_signed(r.median_added_ttft_ms)} ms; the same token count on {r.same_tokens} of {len(r.ok)} prompts)"
+        for r in results
+    ]
 
 
-def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: dict) -> str:
+def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: dict, paired: Sequence[PairedResult] = ()) -> str:
     lines = [
         f"Command: `{context['command']}`",
         "",
@@ -529,7 +611,6 @@ def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: di
         "",
         render_markdown(sorted_runs(runs, order)),
         "",
-        *overhead_lines(runs),
         *(f"- Failed: {failure}" for failure in context.get("failures", ())),
     ]
     counted = sorted({run.name for run in runs if any(not r.tokens_from_usage for r in run.ok)})
@@ -538,6 +619,17 @@ def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: di
     prompt_tokens = {run.name: median(r.prompt_tokens for r in run.ok if r.prompt_tokens is not None) for run in runs if run.concurrency == 1}
     if prompt_tokens:
         lines.append("- Median prompt tokens at concurrency 1: " + ", ".join(f"{name} {_number(v, 0)}" for name, v in prompt_tokens.items()) + ".")
+    if paired:
+        lines += [
+            "",
+            "Overhead at concurrency 1: each prompt through the server and through `Generator.generate` in this "
+            "process (same model, dtype and tree, same warm-up), back to back, which goes first alternating; "
+            "tokens/s is all tokens over all request latencies.",
+            "",
+            render_paired_markdown(paired),
+            "",
+            *paired_lines(paired),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -569,7 +661,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warm-up", type=int, default=2, help=f"warm-up requests per server (at most {len(WARM_UP_PROMPTS)})")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to become ready")
-    parser.add_argument("--no-generate", action="store_true", help="skip the in-process generate runs at concurrency 1")
+    parser.add_argument("--no-generate", action="store_true", help="skip the overhead check against Generator.generate in process")
     parser.add_argument("--servers", default=None, help="comma-separated subset: tr,plain,llamacpp (default all)")
     parser.add_argument("--out", default="bench-results/serving.md", help="markdown report; the raw records go next to it as .json")
     parser.add_argument("--log-dir", default=None, help="servers' logs (default: a temporary directory)")
@@ -603,26 +695,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bench_server: {len(prompts)} prompts from {questions}; logs in {log_dir}; load {load_start}", file=sys.stderr, flush=True)
     setup = prepare_tree(args)
     print(f"bench_server: {setup}", file=sys.stderr, flush=True)
-    generates = [] if args.no_generate else [("generate, Token Recycling", None), ("generate, drafting off", "plain")]
-    order = [spec.name for spec in specs] + [name for name, _ in generates]
+    drafters = {"tokenrecycle, Token Recycling": None, "tokenrecycle, drafting off": "plain"}
+    checks = [] if args.no_generate else [spec for spec in specs if spec.name in drafters]
+    order = [spec.name for spec in specs]
     runs: list[RunResult] = []
+    paired: list[PairedResult] = []
     failures: list[str] = []
     try:
         for turn, concurrency in enumerate(args.concurrency):
-            entries = list(specs) + (generates if concurrency == 1 else [])
-            for entry in rotated(entries, turn):
-                name = entry.name if isinstance(entry, ServerSpec) else entry[0]
+            for spec in rotated(specs, turn):
                 try:
-                    if isinstance(entry, ServerSpec):
-                        run = bench_server(entry, prompts, concurrency, args, log_dir)
-                    else:
-                        run = bench_generate(entry[0], entry[1], prompts, args)
+                    run = bench_server(spec, prompts, concurrency, args, log_dir)
                 except RuntimeError as exc:  # a server that does not start: the others still run
-                    failures.append(f"{name} at concurrency {concurrency}: {str(exc).splitlines()[0]}")
+                    failures.append(f"{spec.name} at concurrency {concurrency}: {str(exc).splitlines()[0]}")
                     print(f"bench_server: {exc}", file=sys.stderr, flush=True)
                     continue
                 runs.append(run)
                 print(f"bench_server: {' · '.join(table_row(run)[:9])}", file=sys.stderr, flush=True)
+        for spec in checks:
+            try:
+                result = bench_paired(spec, drafters[spec.name], prompts, args, log_dir)
+            except RuntimeError as exc:
+                failures.append(f"{spec.name}, overhead check: {str(exc).splitlines()[0]}")
+                print(f"bench_server: {exc}", file=sys.stderr, flush=True)
+                continue
+            paired.append(result)
+            print(f"bench_server: overhead · {' · '.join(paired_row(result)[:9])}", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("bench_server: interrupted; servers stopped; the partial table follows", file=sys.stderr)
     finally:
@@ -636,16 +734,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "failures": failures,
     }  # fmt: skip
     print(render_text(sorted_runs(runs, order)))
-    for line in overhead_lines(runs):
+    for line in paired_lines(paired):
         print(line)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report_markdown(runs, order, context))
-    raw = {"context": context, "runs": [{**asdict(run), "tokens_per_s": run.tokens_per_s} for run in runs]}
+    out.write_text(report_markdown(runs, order, context, paired))
+    raw = {
+        "context": context,
+        "runs": [{**asdict(run), "tokens_per_s": run.tokens_per_s} for run in runs],
+        "overhead": [{**asdict(r), "server_tokens_per_s": r.server_tokens_per_s, "generate_tokens_per_s": r.generate_tokens_per_s, "ratio": r.ratio} for r in paired],
+    }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(f"bench_server: wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
-    planned = sum(len(specs) + (len(generates) if c == 1 else 0) for c in args.concurrency)
-    return 0 if len(runs) == planned else 1
+    return 0 if len(runs) == len(specs) * len(args.concurrency) and len(paired) == len(checks) else 1
 
 
 def _shown_path(path: str) -> str:

@@ -111,8 +111,23 @@ def test_rotation_starts_each_level_with_the_next_server(bench):
     assert bench.rotated([], 3) == []
 
 
-def test_overhead_line_compares_the_server_with_generate_at_concurrency_1(bench):
-    server = run(bench, "tokenrecycle, Token Recycling", 1, [1.1, 2.2], wall=4.0)
-    generate = run(bench, "generate, Token Recycling", 1, [1.0, 2.0], wall=3.6)
-    (line,) = bench.overhead_lines([server, generate, run(bench, "tokenrecycle, Token Recycling", 2, [1.0])])
-    assert "ratio 0.900" in line and "+150 ms" in line
+def test_the_overhead_check_pairs_the_server_with_generate_prompt_by_prompt(bench):
+    record = bench.RequestRecord
+    pairs = [
+        (record(0, 1.1, 0.12, 10), record(0, 1.0, 0.10, 10)),
+        (record(1, 2.2, 0.30, 20), record(1, 2.0, 0.20, 21)),
+        (record(2, 9.0, error="HTTP 503"), record(2, 1.0, 0.1, 10)),
+    ]
+    result = bench.PairedResult("tokenrecycle, Token Recycling", "recycling", pairs, 1.0, 1.2)
+    assert len(result.ok) == 2 and result.same_tokens == 1
+    assert result.server_tokens_per_s == pytest.approx(30 / 3.3)
+    assert result.generate_tokens_per_s == pytest.approx(31 / 3.0)
+    assert result.ratio == pytest.approx((30 / 3.3) / (31 / 3.0))
+    assert result.median_added_ms == pytest.approx(150)
+    assert result.median_added_ttft_ms == pytest.approx(60)
+    row = bench.paired_row(result)
+    assert row[0] == "tokenrecycle, Token Recycling (recycling)" and row[1] == "3" and row[6:9] == ("+150", "+60", "1")
+    table = bench.render_paired_markdown([result]).splitlines()
+    assert len(table) == 3 and table[0].startswith("| server (drafter) | prompts | server tokens/s |")
+    (line,) = bench.paired_lines([result])
+    assert f"ratio {result.ratio:.3f}" in line and "same token count on 1 of 2 prompts" in line
