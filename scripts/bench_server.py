@@ -85,6 +85,7 @@ class StreamResult:
     completion_tokens: int | None = None  # from the stream's usage, when it has one
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    steps: int | None = None  # tokenrecycle's forward passes (prefill included), from its finish chunk
     done: bool = False  # data: [DONE] arrived
     error: str | None = None  # an error event in the stream, or data that is not JSON
 
@@ -130,6 +131,9 @@ def _read_chunk(chunk: dict, seconds: float, result: StreamResult) -> None:
             result.content_chunks += 1
         if choice.get("finish_reason"):
             result.finish_reason = choice["finish_reason"]
+    statistics = chunk.get("tokenrecycle")  # on every chunk; the totals on the one with mean_accepted
+    if isinstance(statistics, dict) and "mean_accepted" in statistics:
+        result.steps = statistics.get("steps", result.steps)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
         result.completion_tokens = usage.get("completion_tokens", result.completion_tokens)
@@ -146,6 +150,7 @@ class RequestRecord:
     tokens_from_usage: bool = True  # False: counted as text chunks (the stream had no usage)
     finish_reason: str | None = None
     error: str | None = None
+    steps: int | None = None  # forward passes, where the server says (tokenrecycle)
 
 
 @dataclass
@@ -188,9 +193,15 @@ class RunResult:
     def median_ttft_s(self) -> float:
         return median(r.ttft_s for r in self.ok if r.ttft_s is not None)
 
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per forward pass over the requests whose server counts its passes (MAT)."""
+        counted = [r for r in self.ok if r.steps]
+        return sum(r.completion_tokens for r in counted) / sum(r.steps for r in counted) if counted else math.nan
+
 
 TABLE_HEADER = ("server", "concurrency", "requests", "tokens", "aggregate tokens/s", "median latency (s)",
-                "p95 latency (s)", "median TTFT (s)", "errors", "load (1 min)")  # fmt: skip
+                "p95 latency (s)", "median TTFT (s)", "MAT", "errors", "load (1 min)")  # fmt: skip
 
 
 def _number(value: float, digits: int) -> str:
@@ -203,7 +214,7 @@ def table_row(run: RunResult) -> tuple[str, ...]:
     return (
         run.name, str(run.concurrency), str(len(run.records)), str(run.tokens), _number(run.tokens_per_s, 1),
         _number(run.median_latency_s, 2), _number(run.p95_latency_s, 2), _number(run.median_ttft_s, 3),
-        str(run.errors), load,
+        _number(run.mean_accepted, 2), str(run.errors), load,
     )  # fmt: skip
 
 
@@ -288,7 +299,7 @@ def record_of(index: int, latency_s: float, stream: StreamResult) -> RequestReco
     error = stream.error or (None if stream.done else "the stream ended without data: [DONE]")
     from_usage = stream.completion_tokens is not None
     tokens = stream.completion_tokens if from_usage else stream.content_chunks
-    return RequestRecord(index, latency_s, stream.ttft_s, tokens, stream.prompt_tokens, from_usage, stream.finish_reason, error)
+    return RequestRecord(index, latency_s, stream.ttft_s, tokens, stream.prompt_tokens, from_usage, stream.finish_reason, error, stream.steps)
 
 
 def get_json(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, object]:
@@ -446,7 +457,8 @@ def generate_record(generator, index: int, prompt: str, max_tokens: int, drafter
             first = time.perf_counter() - began
     result = stream.result
     finish = "length" if result.stop_reason == "length" else "stop"
-    return RequestRecord(index, time.perf_counter() - began, first, result.new_tokens, result.prompt_tokens, finish_reason=finish)
+    return RequestRecord(index, time.perf_counter() - began, first, result.new_tokens, result.prompt_tokens,
+                         finish_reason=finish, steps=result.steps)  # fmt: skip
 
 
 @dataclass
@@ -711,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"bench_server: {exc}", file=sys.stderr, flush=True)
                     continue
                 runs.append(run)
-                print(f"bench_server: {' · '.join(table_row(run)[:9])}", file=sys.stderr, flush=True)
+                print(f"bench_server: {' · '.join(table_row(run)[:10])}", file=sys.stderr, flush=True)
         for spec in checks:
             try:
                 result = bench_paired(spec, drafters[spec.name], prompts, args, log_dir)

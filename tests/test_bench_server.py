@@ -25,8 +25,8 @@ def bench():
         sys.modules.pop(spec.name, None)
 
 
-def chunk(**choice) -> str:
-    return "data: " + json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, **choice}]})
+def chunk(extra: dict | None = None, **choice) -> str:
+    return "data: " + json.dumps({"object": "chat.completion.chunk", "choices": [{"index": 0, **choice}], **(extra or {})})
 
 
 def test_percentile_interpolates_between_ranks_as_numpy_does(bench):
@@ -48,7 +48,8 @@ def test_parse_sse_times_the_first_text_not_the_role_chunk(bench):
         (0.20, b": ping - 2025-01-01\r\n"),
         (0.35, chunk(delta={"content": "Hel"}, finish_reason=None)),
         (0.40, chunk(delta={"content": "lo"}, finish_reason=None)),
-        (0.45, chunk(delta={}, finish_reason="length")),
+        (0.40, chunk({"tokenrecycle": {"steps": 1, "tokens": 2, "drafted": 1}}, delta={"content": ""}, finish_reason=None)),
+        (0.45, chunk({"tokenrecycle": {"steps": 2, "mean_accepted": 1.5}}, delta={}, finish_reason="length")),
         (0.46, "data: " + json.dumps({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}})),
         (0.47, "data: [DONE]"),
         (0.50, chunk(delta={"content": "after done"})),
@@ -59,7 +60,9 @@ def test_parse_sse_times_the_first_text_not_the_role_chunk(bench):
     assert stream.content_chunks == 2
     assert (stream.completion_tokens, stream.prompt_tokens) == (3, 12)
     assert stream.finish_reason == "length"
+    assert stream.steps == 2  # the finish chunk's total, not a chunk's own count
     assert stream.done and stream.error is None
+    assert bench.record_of(0, 0.5, stream).steps == 2
 
 
 def test_a_stream_without_usage_counts_text_chunks_and_one_without_done_is_an_error(bench):
@@ -77,7 +80,7 @@ def test_error_events_and_bad_json_are_errors(bench):
 
 
 def run(bench, name, concurrency, latencies, tokens=10, errors=0, wall=2.0):
-    records = [bench.RequestRecord(i, lat, lat / 4, tokens) for i, lat in enumerate(latencies)]
+    records = [bench.RequestRecord(i, lat, lat / 4, tokens, steps=tokens // 2) for i, lat in enumerate(latencies)]
     records += [bench.RequestRecord(len(records) + i, 9.0, error="HTTP 500") for i in range(errors)]
     return bench.RunResult(name, concurrency, wall, records, 1.5, 1.75)
 
@@ -89,6 +92,8 @@ def test_run_statistics_leave_failed_requests_out(bench):
     assert result.median_latency_s == 2.0
     assert result.median_ttft_s == 0.5
     assert result.p95_latency_s == pytest.approx(2.9)
+    assert result.mean_accepted == 2.0
+    assert math.isnan(bench.RunResult("llama", 1, 1.0, [bench.RequestRecord(0, 1.0, 0.1, 5)]).mean_accepted)
 
 
 def test_markdown_table_has_a_row_per_run_sorted_by_level_then_server_order(bench):
@@ -98,10 +103,10 @@ def test_markdown_table_has_a_row_per_run_sorted_by_level_then_server_order(benc
     assert lines[0].startswith("| server | concurrency | requests |") and "aggregate tokens/s" in lines[0]
     assert lines[1] == "|" + "|".join(["---"] * len(bench.TABLE_HEADER)) + "|"
     assert [line.split(" | ")[0:2] for line in lines[2:]] == [["| ours", "1"], ["| ours", "2"], ["| llama", "2"]]
-    assert lines[2] == "| ours | 1 | 3 | 20 | 10.0 | 1.00 | 1.45 | 0.250 | 1 | 1.5-1.8 |"
+    assert lines[2] == "| ours | 1 | 3 | 20 | 10.0 | 1.00 | 1.45 | 0.250 | 2.00 | 1 | 1.5-1.8 |"
     assert all(line.count("|") == len(bench.TABLE_HEADER) + 1 for line in lines)
     empty = bench.RunResult("down", 4, 1.0, [bench.RequestRecord(0, 1.0, error="refused")])
-    assert bench.table_row(empty)[4:8] == ("0.0", "-", "-", "-")
+    assert bench.table_row(empty)[4:9] == ("0.0", "-", "-", "-", "-")
 
 
 def test_rotation_starts_each_level_with_the_next_server(bench):
