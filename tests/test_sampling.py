@@ -7,8 +7,10 @@ directly. A verifier with the biased rule fails the same check, so it can tell t
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -152,7 +154,9 @@ SMALL_V = 3
 
 
 def small_logits(context, salt: str = "target") -> torch.Tensor:
-    seed = hash((salt, tuple(int(t) for t in context[-2:]))) % (2**31)
+    # zlib's CRC, not hash(): Python salts string hashes per process, which made these logits
+    # (and so whether a short run accepted long drafts) differ from one run to the next.
+    seed = zlib.crc32(repr((salt, tuple(int(t) for t in context[-2:]))).encode()) % (2**31)
     return torch.randn(SMALL_V, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
