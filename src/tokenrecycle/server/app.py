@@ -126,11 +126,17 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings | Non
         card = {"id": model.name, "object": "model", "created": model.loaded_at, "owned_by": "tokenrecycle", "max_model_len": model.max_context}
         return {"object": "list", "data": [card]}
 
-    async def generate(request: Request, parse, reply_class):
-        """Chat and text completions differ only in how the body is read and the answer shaped."""
+    async def model_and_body(request: Request, model_required: bool):
+        """The ready model and the request's JSON body, whose `model` (required or not) must name it."""
         model = serving.ready_model()
         body = await read_json(request, settings.max_body_bytes)
-        check_model(body, model.name)
+        if model_required or body.get("model") is not None:
+            check_model(body, model.name)
+        return model, body
+
+    async def generate(request: Request, parse, reply_class):
+        """Chat and text completions differ only in how the body is read and the answer shaped."""
+        model, body = await model_and_body(request, model_required=True)
         generation = parse(body, settings.default_max_tokens)
         reply = reply_class(model.name, model.pieces, serving.drafting.name(generation.drafter), generation.include_usage)
         return await answer(serving.scheduler, request, generation, serving.drafting, reply, settings.disconnect_poll_s)
@@ -145,20 +151,14 @@ def create_app(load_engine: Callable[[], Engine], settings: ServerSettings | Non
 
     @app.post("/tokenize", dependencies=guarded)
     async def tokenize(request: Request):
-        model = serving.ready_model()
-        body = await read_json(request, settings.max_body_bytes)
-        if body.get("model") is not None:
-            check_model(body, model.name)
+        model, body = await model_and_body(request, model_required=False)
         prompt, chat = parse_tokenize(body)
         ids = await serving.scheduler.call(lambda engine: engine.encode(prompt, chat).tolist())
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_context}
 
     @app.post("/detokenize", dependencies=guarded)
     async def detokenize(request: Request):
-        model = serving.ready_model()
-        body = await read_json(request, settings.max_body_bytes)
-        if body.get("model") is not None:
-            check_model(body, model.name)
+        model, body = await model_and_body(request, model_required=False)
         tokens = parse_detokenize(body)
         check_token_ids(tokens, model.vocab_size, "tokens")
         text = await serving.scheduler.call(lambda engine: engine.tokenizer.decode(tokens))
