@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class ModelRunner(ABC):
     kind: RunnerKind
     loop: Loop
     loop_note: str | None = None  # why the loop is not the fastest one (a failed C++ build, ...)
+    batches: bool = False  # whether forward_batch runs several slots in one pass (else one after another)
 
     def __init__(self, max_slots: int = DEFAULT_SLOTS):
         check_slots(max_slots)
@@ -97,6 +98,16 @@ class ModelRunner(ABC):
         Node i sits at position cache_length + depth[i] and attends to the slot's cache, its
         ancestors and itself. The tree's keys and values stay pending until `commit`.
         """
+
+    def forward_batch(self, items: Sequence[tuple[int, DraftTree]]) -> list[torch.Tensor]:
+        """`forward_tree` for several (slot, tree) pairs, each slot at most once; one list of
+        logits per pair. Runners that batch run them as one pass; this one runs them in turn."""
+        return [self.forward_tree(slot, tree) for slot, tree in items]
+
+    def begin(self, slot: int, tokens: int) -> None:
+        """Empty the slot's cache and size it for `tokens` tokens, for a prompt fed in chunks as
+        chain trees (forward_tree, then commit of the whole chain). Runners that batch have it."""
+        raise NotImplementedError(f"the {self.kind.value} runner prefills a prompt in one call")
 
     @abstractmethod
     def commit(self, slot: int, accepted: np.ndarray) -> None:

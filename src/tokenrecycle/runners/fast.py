@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,6 +51,15 @@ def _rope_parameters(config) -> list[dict]:
     if params and all(isinstance(v, dict) or v is None for v in params.values()):
         return [p for p in params.values() if p]  # one entry per layer type (Gemma3)
     return [params]
+
+
+@dataclass
+class _Segment:
+    """One sequence's part of a pass: its tree, written at cache slots start.. of its own cache."""
+
+    cache: KVCache
+    tree: DraftTree
+    start: int
 
 
 class RMSNorm:
@@ -115,6 +125,7 @@ class FastRunner(ModelRunner):
     """Same answers as the transformers runner, far fewer and larger operations per step."""
 
     kind = RunnerKind.FAST
+    batches = True
 
     def __init__(
         self,
@@ -185,20 +196,33 @@ class FastRunner(ModelRunner):
 
     @torch.inference_mode()
     def prefill(self, slot: int, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
-        self._check_slot(slot)
-        tree, cache = chain_tree(input_ids), self._caches[slot]
-        cache.reset(min(len(tree) + reserve, self.max_context) + TREE_SLOTS)
-        logits = self._run(cache, tree, start=0)
-        cache.length = len(tree)
+        self.begin(slot, len(input_ids) + reserve)
+        logits = self._run([_Segment(self._caches[slot], chain_tree(input_ids), 0)])
+        self._caches[slot].length = len(input_ids)
         return logits
+
+    def begin(self, slot: int, tokens: int) -> None:
+        self._check_slot(slot)
+        self._caches[slot].reset(min(tokens, self.max_context) + TREE_SLOTS)
 
     @torch.inference_mode()
     def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
-        self._check_slot(slot)
-        cache = self._caches[slot]
-        start = cache.length
-        cache.reserve(start + len(tree))
-        return self._run(cache, tree, start)
+        return self.forward_batch([(slot, tree)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: Sequence[tuple[int, DraftTree]]) -> list[torch.Tensor]:
+        """One pass over the trees of several slots: the linear layers see every node of every
+        tree at once, attention runs per slot against that slot's own cache."""
+        if len({slot for slot, _ in items}) != len(items):
+            raise ValueError("a batch holds each slot at most once")
+        segments = []
+        for slot, tree in items:
+            self._check_slot(slot)
+            cache = self._caches[slot]
+            cache.reserve(cache.length + len(tree))
+            segments.append(_Segment(cache, tree, cache.length))
+        logits = self._run(segments)
+        return list(logits.split([len(segment.tree) for segment in segments]))
 
     @torch.inference_mode()
     def commit(self, slot: int, accepted: np.ndarray) -> None:
@@ -206,29 +230,33 @@ class FastRunner(ModelRunner):
         self._caches[slot].commit(np.asarray(accepted))
 
     # ---- one forward pass ----------------------------------------------------------------
-    def _run(self, cache: KVCache, tree: DraftTree, start: int) -> torch.Tensor:
-        self._ensure_rope(cache.capacity)
-        ids = torch.as_tensor(tree.tokens, device=self._device)
-        positions = torch.as_tensor(start + tree.depths, device=self._device)
+    def _run(self, segments: list[_Segment]) -> torch.Tensor:
+        self._ensure_rope(max(segment.cache.capacity for segment in segments))
+        ids = torch.as_tensor(np.concatenate([segment.tree.tokens for segment in segments]), device=self._device)
+        positions = np.concatenate([segment.start + segment.tree.depths for segment in segments])
+        positions = torch.as_tensor(positions, device=self._device)
         rope = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self._rope_tables.items()}
-        masks = {window: self._mask(tree, start, window) for window in self._windows}
+        # masks[s][window]: segment s's first visible slot, additive mask and causal flag
+        masks = [{window: self._mask(s.tree, s.start, window) for window in self._windows} for s in segments]
         x = self._embed(ids)
         if self._decoder is not None:
+            per_mask = [masks[s][window] for s in range(len(segments)) for window in self._windows]
             x = self._decoder.forward(
-                x, cache.keys, cache.values, start,
+                x, [s.cache.keys for s in segments], [s.cache.values for s in segments],
+                [s.start for s in segments], [len(s.tree) for s in segments],
                 [rope[key][0] for key in self._rope_keys], [rope[key][1] for key in self._rope_keys],
-                *(list(parts) for parts in zip(*(masks[window] for window in self._windows))),
+                *(list(parts) for parts in zip(*per_mask)),
             )  # fmt: skip
         else:
             for index, layer in enumerate(self._layers):
-                x = self._layer(cache, index, layer, x, start, rope[layer.rope], masks[layer.window])
+                x = self._layer(segments, index, layer, x, rope[layer.rope], [m[layer.window] for m in masks])
         logits = self._lm_head(self._norm(x))
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits.float()
 
-    def _layer(self, cache: KVCache, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
-        h = self._attention(cache, index, layer, layer.attn_norm(x), start, rope, mask)
+    def _layer(self, segments: list[_Segment], index: int, layer: Layer, x: torch.Tensor, rope, masks) -> torch.Tensor:
+        h = self._attention(segments, index, layer, layer.attn_norm(x), rope, masks)
         if layer.post_attn_norm is not None:
             h = layer.post_attn_norm(h)
         x = x + h
@@ -238,7 +266,7 @@ class FastRunner(ModelRunner):
             h = layer.post_mlp_norm(h)
         return x + h
 
-    def _attention(self, cache: KVCache, index: int, layer: Layer, x: torch.Tensor, start: int, rope, mask) -> torch.Tensor:
+    def _attention(self, segments: list[_Segment], index: int, layer: Layer, x: torch.Tensor, rope, masks) -> torch.Tensor:
         n, d = x.shape[0], self._head_dim
         heads, kv_heads = self._num_heads, self._num_kv_heads
         qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, d)
@@ -249,14 +277,21 @@ class FastRunner(ModelRunner):
         else:
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
             q, k = _rotate(layer.q_norm(q), *rope), _rotate(layer.k_norm(k), *rope)
-        cache.write(index, start, k.transpose(0, 1), v.transpose(0, 1))
-        first_key, bias, causal = mask
-        keys, values = cache.view(index, first_key, start + n)
-        query = q.transpose(0, 1)[None].to(self._attention_dtype)
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=bias, is_causal=causal, scale=self._scale, enable_gqa=True
-        )
-        return layer.out(out[0].transpose(0, 1).reshape(n, -1).to(x.dtype))
+        outs, row = [], 0
+        for segment, (first_key, bias, causal) in zip(segments, masks):
+            # Each sequence attends to its own cache, on its own rows.
+            size, start, cache = len(segment.tree), segment.start, segment.cache
+            rows = slice(row, row + size)
+            cache.write(index, start, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            keys, values = cache.view(index, first_key, start + size)
+            query = q[rows].transpose(0, 1)[None].to(self._attention_dtype)
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=bias, is_causal=causal, scale=self._scale, enable_gqa=True
+            )
+            outs.append(out[0].transpose(0, 1).reshape(size, -1))
+            row += size
+        joined = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return layer.out(joined.to(x.dtype))
 
     def _native_decoder(self, activation: int | None, gemma: bool):
         """The C++ decoder over these layers and None, or None and why not in C++."""

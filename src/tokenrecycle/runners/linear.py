@@ -12,14 +12,13 @@ INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    """oneDNN prepacking pays for 16-bit weights on a CPU with bf16 instructions; float32 keeps
-    F.linear, whose results the transformers runner shares bit for bit."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    """oneDNN prepacking on the CPU: for bfloat16 weights where the CPU has bf16 instructions, and
+    for float32 weights. Besides being faster than F.linear at a few rows, its kernels give each
+    row the same result whatever the number of rows in the call (F.linear's float32 kernel picks
+    its blocking by the row count), so a request's logits do not depend on what shares its pass."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def fuse(weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -80,17 +80,26 @@ class Decoder {
     }
   }
 
-  // x: (n, hidden) embeddings of the tree tokens at cache slots start..start+n-1. cos, sin: per
-  // rotary table, (n, 1, head_dim) rows for the tokens' positions. Per mask: the first visible
-  // slot, the additive mask (None: none) and whether plain causal attention does instead.
-  at::Tensor forward(at::Tensor x, at::Tensor keys, at::Tensor values, int64_t start, std::vector<at::Tensor> cos,
+  // x: (rows, hidden) embeddings of the tree tokens of one or more sequences, concatenated.
+  // Segment s holds sizes[s] rows written at cache slots starts[s].. of keys[s] / values[s], its
+  // own cache. cos, sin: per rotary table, (rows, 1, head_dim) rows for the tokens' positions.
+  // Per segment and mask (segment-major): the first visible slot, the additive mask (None: none)
+  // and whether plain causal attention does instead. The linear layers see all rows at once.
+  at::Tensor forward(at::Tensor x, std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
+                     std::vector<int64_t> starts, std::vector<int64_t> sizes, std::vector<at::Tensor> cos,
                      std::vector<at::Tensor> sin, std::vector<int64_t> first_keys,
                      std::vector<std::optional<at::Tensor>> masks, std::vector<bool> causal) const {
     c10::InferenceMode guard;
+    const size_t segments = starts.size();
+    TORCH_CHECK(keys.size() == segments && values.size() == segments && sizes.size() == segments &&
+                    first_keys.size() == masks.size() && causal.size() == masks.size() &&
+                    masks.size() % std::max<size_t>(segments, 1) == 0,
+                "inconsistent segment lists");
+    const size_t per_segment = segments ? masks.size() / segments : 0;
     for (size_t index = 0; index < layers_.size(); ++index) {
       const Layer& layer = layers_[index];
-      auto h = attention(index, layer, layer.attn_norm(x), keys, values, start, cos[layer.rope], sin[layer.rope],
-                         first_keys[layer.mask], masks[layer.mask], causal[layer.mask]);
+      auto h = attention(index, layer, layer.attn_norm(x), keys, values, starts, sizes, cos[layer.rope],
+                         sin[layer.rope], first_keys, masks, causal, per_segment);
       if (layer.post_attn_norm.present()) h = layer.post_attn_norm(h);
       x = x + h;
       auto gate_up = layer.gate_up(layer.mlp_norm(x)).chunk(2, -1);
@@ -103,9 +112,11 @@ class Decoder {
   }
 
  private:
-  at::Tensor attention(size_t index, const Layer& layer, const at::Tensor& x, at::Tensor& keys, at::Tensor& values,
-                       int64_t start, const at::Tensor& cos, const at::Tensor& sin, int64_t first_key,
-                       const std::optional<at::Tensor>& mask, bool causal) const {
+  at::Tensor attention(size_t index, const Layer& layer, const at::Tensor& x, const std::vector<at::Tensor>& keys,
+                       const std::vector<at::Tensor>& values, const std::vector<int64_t>& starts,
+                       const std::vector<int64_t>& sizes, const at::Tensor& cos, const at::Tensor& sin,
+                       const std::vector<int64_t>& first_keys, const std::vector<std::optional<at::Tensor>>& masks,
+                       const std::vector<bool>& causal, size_t per_segment) const {
     const int64_t n = x.size(0);
     auto qkv = layer.qkv(x).view({n, heads_ + 2 * kv_heads_, head_dim_});
     at::Tensor q, k, v;
@@ -117,15 +128,25 @@ class Decoder {
       auto parts = qkv.split_with_sizes({heads_, kv_heads_, kv_heads_}, 1);
       q = rotate(layer.q_norm(parts[0]), cos, sin), k = rotate(layer.k_norm(parts[1]), cos, sin), v = parts[2];
     }
-    auto layer_keys = keys.select(0, index), layer_values = values.select(0, index);
-    layer_keys.narrow(1, start, n).copy_(k.transpose(0, 1));
-    layer_values.narrow(1, start, n).copy_(v.transpose(0, 1));
-    auto query = q.transpose(0, 1).unsqueeze(0).to(keys.scalar_type());
-    auto visible = start + n - first_key;
-    auto out = at::scaled_dot_product_attention(query, layer_keys.narrow(1, first_key, visible).unsqueeze(0),
-                                                layer_values.narrow(1, first_key, visible).unsqueeze(0), mask, 0.0,
-                                                causal, scale_, true);
-    return layer.out(out[0].transpose(0, 1).reshape({n, -1}).to(x.scalar_type()));
+    // Each sequence attends to its own cache: one attention call per segment, on its rows alone.
+    std::vector<at::Tensor> outs;
+    int64_t row = 0;
+    for (size_t s = 0; s < starts.size(); ++s) {
+      const int64_t start = starts[s], size = sizes[s];
+      const size_t m = s * per_segment + layer.mask;
+      auto layer_keys = keys[s].select(0, index), layer_values = values[s].select(0, index);
+      layer_keys.narrow(1, start, size).copy_(k.narrow(0, row, size).transpose(0, 1));
+      layer_values.narrow(1, start, size).copy_(v.narrow(0, row, size).transpose(0, 1));
+      auto query = q.narrow(0, row, size).transpose(0, 1).unsqueeze(0).to(keys[s].scalar_type());
+      auto visible = start + size - first_keys[m];
+      auto out = at::scaled_dot_product_attention(query, layer_keys.narrow(1, first_keys[m], visible).unsqueeze(0),
+                                                  layer_values.narrow(1, first_keys[m], visible).unsqueeze(0),
+                                                  masks[m], 0.0, causal[m], scale_, true);
+      outs.push_back(out[0].transpose(0, 1).reshape({size, -1}));
+      row += size;
+    }
+    auto joined = outs.size() == 1 ? outs[0] : at::cat(outs, 0);
+    return layer.out(joined.to(x.scalar_type()));
   }
 
   std::vector<Layer> layers_;
