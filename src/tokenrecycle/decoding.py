@@ -2,7 +2,9 @@
 
 `DecodingLoop` holds one request's loop state on one runner slot and exposes the step in its
 parts (`next_tree`, then the forward pass, then `decide`), so an engine can run the forward passes
-of several loops its own way; `step` does all three for one loop.
+of several loops its own way; `step` does all three for one loop. A prompt can also go in chunks
+(`prompt_chunk`, run like a tree, then `decide`) on runners that batch, so that a long prompt
+shares passes with running requests instead of holding them up.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from .drafters import Drafter
 from .runners import ModelRunner
-from .trees import DraftTree, limit_depth
+from .trees import DraftTree, chain_tree, limit_depth
 from .verify import GreedyVerifier, SamplingVerifier
 
 GREEDY = GreedyVerifier()
@@ -61,18 +63,45 @@ class DecodingLoop:
         self.max_new_tokens = max_new_tokens
         self.produced = 0
         self._token: int | None = None  # the last decided token: the next tree's root
+        self.fed = 0  # prompt tokens in the cache, while the prompt goes in chunks
+        self._chunk_logits: list[torch.Tensor] = []
 
     @property
     def done(self) -> bool:
         return self.produced >= self.max_new_tokens
 
+    @property
+    def prefilling(self) -> bool:
+        """Whether the prompt is still to be run (no token decided yet)."""
+        return self._token is None
+
     def prefill(self) -> Step:
         self.drafter.prepare(self.verifier.sampling, self.verifier.draws)
-        logits = self.runner.prefill(self.slot, self.prompt_ids, reserve=self.max_new_tokens)
-        self.drafter.start(self.prompt_ids, logits)
-        self._token = self.verifier.first_token(logits[-1])
+        return self._first_step(self.runner.prefill(self.slot, self.prompt_ids, reserve=self.max_new_tokens))
+
+    def prompt_chunk(self, size: int) -> DraftTree:
+        """The next `size` prompt tokens as a chain to run on top of the slot (the first chunk
+        empties the slot); `decide` then keeps it."""
+        if self.fed == 0:
+            self.drafter.prepare(self.verifier.sampling, self.verifier.draws)
+            self.runner.begin(self.slot, len(self.prompt_ids) + self.max_new_tokens)
+        return chain_tree(self.prompt_ids[self.fed : self.fed + size])
+
+    def _take_chunk(self, chunk: DraftTree, logits: torch.Tensor) -> Step | None:
+        """Keep a prompt chunk; after the last one, the first token (as `prefill` gives it)."""
+        self.runner.commit(self.slot, np.arange(len(chunk)))
+        self.fed += len(chunk)
+        self._chunk_logits.append(logits)
+        if self.fed < len(self.prompt_ids):
+            return None
+        logits, self._chunk_logits = torch.cat(self._chunk_logits), []
+        return self._first_step(logits)
+
+    def _first_step(self, prompt_logits: torch.Tensor) -> Step:
+        self.drafter.start(self.prompt_ids, prompt_logits)
+        self._token = self.verifier.first_token(prompt_logits[-1])
         self.produced = 1
-        return Step([self._token], logits[-1:])
+        return Step([self._token], prompt_logits[-1:])
 
     def next_tree(self) -> DraftTree:
         """The drafter's tree from the last decided token, cut to the depth that can still be used."""
@@ -80,8 +109,11 @@ class DecodingLoop:
         depth_room = min(self.max_new_tokens - self.produced, room) - 1
         return limit_depth(self.drafter.propose(self._token), depth_room)
 
-    def decide(self, tree: DraftTree, logits: torch.Tensor) -> Step:
-        """Verify the tree against its logits, let the drafter learn, keep the accepted path."""
+    def decide(self, tree: DraftTree, logits: torch.Tensor) -> Step | None:
+        """Verify the tree against its logits, let the drafter learn, keep the accepted path (for
+        a prompt chunk: keep it; None until the prompt's last chunk gives the first token)."""
+        if self._token is None:
+            return self._take_chunk(tree, logits)
         accepted, self._token = self.verifier.verify(tree, logits)
         self.drafter.observe(tree, logits, accepted)
         self.runner.commit(self.slot, accepted)

@@ -3,8 +3,17 @@
 It owns what requests share: the model, the runner and its KV-cache slots, the EOS ids, prompt
 encoding and the fit checks, the tree and the Token Recycling table, and one `describe()` of the
 setup. `submit` queues a request; each `step` admits waiting requests to free slots and advances
-every running request by one forward pass (one request after another: nothing in a request's
-output depends on the others); `Request.cancel` takes effect before the next step.
+every running request by one forward pass; `Request.cancel` takes effect before the next step.
+
+Batching (on by default where the runner batches: the fast runner). A step runs the trees of all
+running requests as one forward pass, plus chunks of the prompts of requests that just joined
+(`prefill_chunk` tokens each, so a long prompt does not hold the others up for its whole
+prefill), at most `max_batch_tokens` tokens in all. Each request's tree is cut to the nodes the
+batch's tree budget gives it (budget.py: expected accepted tokens per second of the pass). A
+request's output never depends on what shares its pass: each keeps its own verifier, draws and
+stop conditions, the runner gives each row the same result whatever else is in the pass, and a
+prompt's chunk boundaries depend on its own length only. Without batching (`batching=False`, or
+the transformers runner) the requests run one pass each, one after another.
 
 Slots and memory: `max_slots` sequences run at once (default 4), each with its own KV cache,
 sized for its prompt, its max_new_tokens and one step's tree; `cache_tokens` caps the cached
@@ -20,6 +29,7 @@ prompt (cold start, the paper's per-request behaviour).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -27,6 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .budget import AcceptanceRates, PassCost, allocate, trim
 from .decoding import GREEDY, DecodingLoop
 from .drafters import Drafter, TokenRecyclingDrafter
 from .drafters.adaptive import AdaptiveTreeDrafter
@@ -38,6 +49,7 @@ from .hardware import choose_dtype
 from .models import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model
 from .prompts import Prompt, encode_prompt, eos_token_ids
 from .request import GenerationResult, Request, RequestSettings, RequestState, Update
+from .trees import DraftTree
 from .runners import DEFAULT_SLOTS, FastRunner, check_runner_options, make_runner
 from .runners.fast import TREE_SLOTS
 from .text import OutputAssembler
@@ -47,6 +59,8 @@ from .verify import SamplingVerifier
 
 DEFAULT_MAX_WAITING = 64
 DEFAULT_DRAFTER = "recycling"
+DEFAULT_MAX_BATCH_TOKENS = 256
+DEFAULT_PREFILL_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class Setup:
     weights_bytes: int
     kv_cache_bytes: int
     table_bytes: int
+    batching: str = "off"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +115,9 @@ class Engine:
         max_slots: int = DEFAULT_SLOTS,
         cache_tokens: int | None = None,
         max_waiting: int = DEFAULT_MAX_WAITING,
+        batching: bool = True,
+        max_batch_tokens: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         # Every option is checked by its owner before the model loads, so a typo fails in milliseconds.
         check_topk(topk)
@@ -110,6 +128,8 @@ class Engine:
         _check_count("max_waiting", max_waiting, minimum=0)
         if cache_tokens is not None:
             _check_count("cache_tokens", cache_tokens, minimum=1)
+        _check_count("prefill_chunk", prefill_chunk, minimum=1)
+        max_batch_tokens = _batch_tokens(max_batch_tokens, prefill_chunk, max_slots)
         if isinstance(model, LoadedModel) and model.dtype != picked.dtype:
             raise InvalidOptionError(f"the loaded model is {model.dtype}, not {picked.dtype}")
         # A LoadedModel is shared, not copied: several engines (runners, trees) over one model.
@@ -125,6 +145,12 @@ class Engine:
         self._running: list[Request] = []
         self._draft_runners: dict[str, object] = {}
         self.set_tree(tree if asked_tree is None else asked_tree)
+        self.batching = bool(batching) and self.runner.batches
+        self.max_batch_tokens, self.prefill_chunk = max_batch_tokens, prefill_chunk
+        self.acceptance = AcceptanceRates()  # over all requests: each request's rates start from it
+        self._rates: dict[str, AcceptanceRates] = {}
+        profile, _ = read_profile(self.profile_key)
+        self.pass_cost = PassCost(profile.mean_cost_ms if profile else None)
 
     # ---- the tree and the shared table -------------------------------------------------------
     def set_tree(self, tree: str | Sequence[Sequence[int]] | TreeChoice | None = "auto") -> None:
@@ -274,10 +300,11 @@ class Engine:
         return not self._running and not self._waiting
 
     def step(self) -> list[Update]:
-        """Apply cancellations, admit waiting requests, then one forward pass per running request."""
+        """Apply cancellations, admit waiting requests, then one forward pass for all running
+        requests (batching) or one per request."""
         self.drop_cancelled()
         self._admit()
-        updates = [self._advance(request) for request in self._running]
+        updates = self._batched_step() if self.batching else [self._advance(r) for r in self._running]
         for update in updates:
             if update.finished:
                 self._close(update.request)
@@ -287,8 +314,76 @@ class Engine:
         try:
             return request.take(request.loop.step())
         except Exception as exc:  # one request's failure ends it, not the others
-            request.fail(exc)
-            return Update(request, [], "", True, None)
+            return self._failed(request, exc)
+
+    @staticmethod
+    def _failed(request: Request, error: Exception) -> Update:
+        request.fail(error)
+        return Update(request, [], "", True, None)
+
+    # ---- batching ----------------------------------------------------------------------------
+    def _batched_step(self) -> list[Update]:
+        plan, updates = self._plan()
+        results = self._forward([(request.slot, tree) for request, tree in plan])
+        for (request, tree), logits in zip(plan, results):
+            update = self._failed(request, logits) if isinstance(logits, Exception) else self._decide(request, tree, logits)
+            if update is not None:
+                updates.append(update)
+        return updates
+
+    def _plan(self) -> tuple[list[tuple[Request, DraftTree]], list[Update]]:
+        """This step's pass: prompt chunks of joining requests (first come first served, as many as
+        fit), then every decoding request's tree cut by the budget; and the updates of requests
+        that failed while drafting."""
+        chunks, trees, failed = [], [], []
+        decoding = [r for r in self._running if not r.loop.prefilling]
+        used = len(decoding)
+        for request in (r for r in self._running if r.loop.prefilling):
+            size = min(self.prefill_chunk, len(request.prompt_ids) - request.loop.fed)
+            if used + size > self.max_batch_tokens:
+                break  # max_batch_tokens >= prefill_chunk + max_slots: the first chunk always fits
+            try:
+                chunks.append((request, request.loop.prompt_chunk(size)))
+                used += size
+            except Exception as exc:
+                failed.append(self._failed(request, exc))
+        for request in decoding:
+            try:
+                trees.append((request, request.loop.next_tree()))
+            except Exception as exc:
+                failed.append(self._failed(request, exc))
+        chunk_tokens = sum(len(chunk) for _, chunk in chunks)
+        chances = [self._rates[request.id].chances(tree) for request, tree in trees]
+        keep = allocate(chances, chunk_tokens, self.pass_cost, self.max_batch_tokens)
+        # Trees of sampled drafts are kept whole: how many draws their verification takes depends
+        # on the tree, so a cut one would give other samples than the request alone.
+        trees = [(r, tree if tree.draft_probs is not None else trim(tree, k)) for (r, tree), k in zip(trees, keep)]
+        return chunks + trees, failed
+
+    def _forward(self, items: list[tuple[int, DraftTree]]) -> list[torch.Tensor | Exception]:
+        """One pass for all items; if it fails, each item alone, so that only the request whose
+        tree fails ends (nothing is committed by a forward pass, so running again is safe)."""
+        if not items:
+            return []
+        started = time.perf_counter()
+        try:
+            results = self.runner.forward_batch(items)
+        except Exception:
+            return [_or_error(self.runner.forward_tree, slot, tree) for slot, tree in items]
+        self.pass_cost.observe(sum(len(tree) for _, tree in items), time.perf_counter() - started)
+        return results
+
+    def _decide(self, request: Request, tree: DraftTree, logits: torch.Tensor) -> Update | None:
+        try:
+            was_prefilling = request.loop.prefilling
+            step = request.loop.decide(tree, logits)
+            if step is None:  # a prompt chunk before the last
+                return None
+            if not was_prefilling:
+                self._rates[request.id].observe(tree, step.accepted)
+            return request.take(step)
+        except Exception as exc:
+            return self._failed(request, exc)
 
     def run(self, request: Request):
         """Step the engine until `request` ends; yields its updates (others advance meanwhile) and
@@ -318,6 +413,7 @@ class Engine:
             verifier = SamplingVerifier(request.settings.sampling) if request.settings.sampling else GREEDY
             loop = DecodingLoop(self.runner, slot, request.drafter, request.prompt_ids, request.settings.max_new_tokens, verifier)
             request.start(loop, slot)
+            self._rates[request.id] = AcceptanceRates(prior=self.acceptance)
             self._running.append(request)
 
     def _can_start(self, prompt_ids: np.ndarray, settings: RequestSettings) -> bool:
@@ -327,6 +423,7 @@ class Engine:
 
     def _close(self, request: Request) -> None:
         self._running.remove(request)
+        self._rates.pop(request.id, None)
         self.runner.release(request.slot)
         request.drafter.finish()
 
@@ -353,7 +450,35 @@ class Engine:
             weights_bytes=sum(p.numel() * p.element_size() for p in self.loaded.model.parameters()),
             kv_cache_bytes=self.runner.cache_bytes,
             table_bytes=self.recycling.memory_bytes,
+            batching=self._batching_text(),
         )
+
+    def _batching_text(self) -> str:
+        if self.batching:
+            return f"on: one pass of up to {self.max_batch_tokens} tokens a step, prompts in chunks of {self.prefill_chunk}"
+        return "off" if self.runner.batches else f"off: the {self.runner.kind.value} runner runs one request a pass"
+
+
+def _batch_tokens(asked: int | None, prefill_chunk: int, max_slots: int) -> int:
+    """The step's token bound: it must hold a prompt chunk beside every slot's root, so that a
+    joining prompt always makes progress (default: the larger of 256 and that)."""
+    least = prefill_chunk + max_slots
+    if asked is None:
+        return max(DEFAULT_MAX_BATCH_TOKENS, least)
+    _check_count("max_batch_tokens", asked, minimum=1)
+    if asked < least:
+        raise InvalidOptionError(
+            f"max_batch_tokens must hold a prompt chunk and every slot's root: at least "
+            f"prefill_chunk + max_slots = {least}, got {asked}"
+        )
+    return asked
+
+
+def _or_error(function, *args):
+    try:
+        return function(*args)
+    except Exception as exc:
+        return exc
 
 
 def _check_count(name: str, value, minimum: int) -> None:
