@@ -111,7 +111,7 @@ def add_bench_parser(commands) -> None:
 
 
 def add_serve_parser(commands) -> None:
-    from .engine import DEFAULT_MAX_WAITING
+    from .engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK
     from .runners import DEFAULT_SLOTS
     from .server.settings import API_KEY_ENV, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS
 
@@ -122,6 +122,9 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     serve.add_argument("--max-slots", type=int, default=DEFAULT_SLOTS, help="requests decoded at once, each on its own KV-cache slot")
+    serve.add_argument("--no-batching", action="store_true", help="one forward pass per request, one after another (default: the running requests' trees share one pass)")
+    serve.add_argument("--max-batch-tokens", type=int, default=None, help="most tokens in one batched pass, trees and prompt chunks together (default: 256, or more to hold a chunk and every slot)")
+    serve.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="prompt tokens a joining request runs per batched pass")
     serve.add_argument("--queue", type=int, default=DEFAULT_MAX_WAITING, help="requests that may wait for a slot; one more is answered 429")
     serve.add_argument("--api-key", default=None, help=f"clients must send Authorization: Bearer KEY (default: ${API_KEY_ENV}; neither: no key needed)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's own, e.g. smollm2)")
@@ -389,7 +392,9 @@ def serving_engine(args: argparse.Namespace):
 
     announce_native_build(args.runner)
     generator = Generator(args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk,
-                          quantize=args.quantize, max_slots=args.max_slots, max_waiting=args.queue)  # fmt: skip
+                          quantize=args.quantize, max_slots=args.max_slots, max_waiting=args.queue,
+                          batching=not args.no_batching, max_batch_tokens=args.max_batch_tokens,
+                          prefill_chunk=args.prefill_chunk)  # fmt: skip
     tree = generator.engine.tree
     if tree.problem:
         print(f"tokenrecycle: {tree.problem}", file=sys.stderr)

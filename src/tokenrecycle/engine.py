@@ -149,8 +149,6 @@ class Engine:
         self.max_batch_tokens, self.prefill_chunk = max_batch_tokens, prefill_chunk
         self.acceptance = AcceptanceRates()  # over all requests: each request's rates start from it
         self._rates: dict[str, AcceptanceRates] = {}
-        profile, _ = read_profile(self.profile_key)
-        self.pass_cost = PassCost(profile.mean_cost_ms if profile else None)
 
     # ---- the tree and the shared table -------------------------------------------------------
     def set_tree(self, tree: str | Sequence[Sequence[int]] | TreeChoice | None = "auto") -> None:
@@ -161,6 +159,8 @@ class Engine:
         tree = "auto" if tree is None else tree
         self.tree = self.resolve(tree)
         self.recycling = self._new_recycling(self.tree)
+        profile, _ = read_profile(self.profile_key)  # after tuning, the fresh profile's cost curve
+        self.pass_cost = PassCost(profile.mean_cost_ms if profile else None)
 
     def resolve(self, tree) -> TreeChoice:
         """A tree as the user names it (name, dynN, file, rank paths, auto, adaptive) for this engine."""
