@@ -131,6 +131,16 @@ def allocate(chances: Sequence[np.ndarray], fixed_tokens: int, cost, max_tokens:
     return masks
 
 
+def equal_shares(sizes: Sequence[int], fixed_tokens: int, max_tokens: int) -> list[np.ndarray]:
+    """The comparison rule: every tree whole, or, where the trees do not fit, the same number of
+    nodes for each (its first nodes, in drafter order) (pure)."""
+    room = max_tokens - fixed_tokens - len(sizes)
+    if sum(size - 1 for size in sizes) <= room:
+        return [np.ones(size, dtype=bool) for size in sizes]
+    share = max(0, room) // max(1, len(sizes))
+    return [np.arange(size) <= share for size in sizes]
+
+
 def trim(tree: DraftTree, keep: np.ndarray) -> DraftTree:
     """The tree cut to the chosen nodes (the same object when all are kept)."""
     return tree if keep.all() else prune(tree, tree.tokens, keep)

@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .budget import AcceptanceRates, PassCost, allocate, trim
+from .budget import AcceptanceRates, PassCost, allocate, equal_shares, trim
 from .decoding import GREEDY, DecodingLoop
 from .drafters import Drafter, TokenRecyclingDrafter
 from .drafters.adaptive import AdaptiveTreeDrafter
@@ -118,6 +118,7 @@ class Engine:
         batching: bool = True,
         max_batch_tokens: int | None = None,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        tree_budget: bool = True,
     ):
         # Every option is checked by its owner before the model loads, so a typo fails in milliseconds.
         check_topk(topk)
@@ -147,6 +148,7 @@ class Engine:
         self.set_tree(tree if asked_tree is None else asked_tree)
         self.batching = bool(batching) and self.runner.batches
         self.max_batch_tokens, self.prefill_chunk = max_batch_tokens, prefill_chunk
+        self.tree_budget = tree_budget  # False: every tree whole, or equal shares of the bound
         self.acceptance = AcceptanceRates()  # over all requests: each request's rates start from it
         self._rates: dict[str, AcceptanceRates] = {}
 
@@ -353,8 +355,11 @@ class Engine:
             except Exception as exc:
                 failed.append(self._failed(request, exc))
         chunk_tokens = sum(len(chunk) for _, chunk in chunks)
-        chances = [self._rates[request.id].chances(tree) for request, tree in trees]
-        keep = allocate(chances, chunk_tokens, self.pass_cost, self.max_batch_tokens)
+        if self.tree_budget:
+            chances = [self._rates[request.id].chances(tree) for request, tree in trees]
+            keep = allocate(chances, chunk_tokens, self.pass_cost, self.max_batch_tokens)
+        else:
+            keep = equal_shares([len(tree) for _, tree in trees], chunk_tokens, self.max_batch_tokens)
         # Trees of sampled drafts are kept whole: how many draws their verification takes depends
         # on the tree, so a cut one would give other samples than the request alone.
         trees = [(r, tree if tree.draft_probs is not None else trim(tree, k)) for (r, tree), k in zip(trees, keep)]
