@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= Explain in three sentences why the sky is blue.
 
-.PHONY: run test bench bench-runners llamacpp install clean serve
+.PHONY: run test bench bench-runners llamacpp llama-server install clean serve
 BENCH_ARGS ?= --per-category 10
 
 $(STAMP): pyproject.toml Makefile
@@ -43,13 +43,37 @@ LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_
 llamacpp: $(STAMP)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q -e '.[llamacpp]'
 
+# Optional: llama.cpp's own C++ server (llama-server, parallel slots and continuous batching) for the
+# serving benchmark's comparison row. Offline-friendly: the llama.cpp source vendored in the
+# llama-cpp-python source distribution (the version installed by make llamacpp), the same CPU flags,
+# no curl, no OpenSSL, no web UI download, static libraries; only the llama-server target is built
+# (several minutes on 2 cores). The binary lands in .venv/bin, so make clean removes it; delete it
+# to rebuild (the cmake build folder under .venv/build is kept, so a rebuild is incremental).
+LLAMACPP_PY_VERSION := 0.3.36
+LLAMA_SERVER := $(VENV)/bin/llama-server
+LLAMA_SERVER_BUILD := $(VENV)/build/llama-server
+LLAMA_SERVER_SRC := $(LLAMA_SERVER_BUILD)/llama_cpp_python-$(LLAMACPP_PY_VERSION)/vendor/llama.cpp
+LLAMA_SERVER_CMAKE := $(LLAMACPP_CMAKE) -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=ON \
+	-DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release
+llama-server: $(LLAMA_SERVER)
+$(LLAMA_SERVER): | $(STAMP)
+	mkdir -p $(LLAMA_SERVER_BUILD)
+	test -f $(LLAMA_SERVER_BUILD)/llama_cpp_python-$(LLAMACPP_PY_VERSION).tar.gz || \
+		$(PY) -m pip download -q --no-binary :all: --no-deps -d $(LLAMA_SERVER_BUILD) llama-cpp-python==$(LLAMACPP_PY_VERSION)
+	test -f $(LLAMA_SERVER_SRC)/CMakeLists.txt || \
+		tar -xzf $(LLAMA_SERVER_BUILD)/llama_cpp_python-$(LLAMACPP_PY_VERSION).tar.gz -C $(LLAMA_SERVER_BUILD)
+	cmake -S $(LLAMA_SERVER_SRC) -B $(LLAMA_SERVER_BUILD)/cmake $(LLAMA_SERVER_CMAKE)
+	cmake --build $(LLAMA_SERVER_BUILD)/cmake --target llama-server -j2
+	cp $(LLAMA_SERVER_BUILD)/cmake/bin/llama-server $(LLAMA_SERVER)
+
 # Both runners, int4 weights and llama.cpp side by side (issue 4's comparison).
 bench-runners: $(STAMP)
 	$(VENV)/bin/tokenrecycle bench --dtype bfloat16 --methods ar,plain,tr,tr-hf,int4-plain,int4-tr,auto,llamacpp --out bench-results/runners $(BENCH_ARGS)
 
-# The serving benchmark (scripts/bench_server.py): tokenrecycle serve with Token Recycling and with
-# drafting off, and llama.cpp's own server (after make llamacpp) on the same GGUF, at concurrency
-# 1, 2, 4 and 8, one server at a time; SERVE_BENCH_ARGS adds options, e.g. --per-category 2 --no-tune.
+# The serving benchmark (scripts/bench_server.py): tokenrecycle serve batched (Token Recycling, auto,
+# drafting off) and unbatched, and llama.cpp's C++ server (after make llama-server) with a slot per
+# client and continuous batching, on the same GGUF, at concurrency 1, 2, 4, 8 and 16, one server at a
+# time; SERVE_BENCH_ARGS adds options, e.g. --per-category 2 --no-tune --servers tr,llamacpp.
 .PHONY: bench-serve
 SERVE_BENCH_ARGS ?=
 bench-serve: $(STAMP)
