@@ -1,23 +1,30 @@
 #!/usr/bin/env python
-"""Serving benchmark: `tokenrecycle serve` (Token Recycling, and drafting off) against llama.cpp's
-own OpenAI-compatible server (llama-cpp-python's `server` extra) on the same GGUF.
+"""Serving benchmark: `tokenrecycle serve` (batched: Token Recycling, auto and drafting off; and
+Token Recycling unbatched) against llama.cpp's own C++ server (`llama-server`, built by
+`make llama-server`) with as many parallel slots as clients and continuous batching, on the same
+GGUF. llama-cpp-python's Python server (one request at a time) is a row on request
+(`--servers ...,llamacpp-python`).
 
-For each concurrency level (default 1, 2, 4, 8) every server is started on its own (never two
-loaded at once), on 127.0.0.1 at a free port, waited for, warmed up, sent the same Spec-Bench
-first turns as streamed greedy chat completions (temperature 0, max_tokens 128) from a thread pool
-of that size, and stopped by the process id this script started. The order of the servers rotates
-from one level to the next. Then the overhead check: each tokenrecycle server again, with a
-`Generator` in this process (same model, dtype and tree, same warm-up), every prompt through one and
-then the other, back to back (which goes first alternates), so the server's HTTP and scheduling
-cost at concurrency 1 is a measured ratio that load from elsewhere on the machine hits alike.
+For each concurrency level (default 1, 2, 4, 8, 16) every server is started on its own (never two
+loaded at once), on 127.0.0.1 at a free port, with slots for that level (tokenrecycle
+`--max-slots max(4, concurrency)`, llama-server `--parallel concurrency`), waited for, warmed up,
+sent Spec-Bench first turns as streamed greedy chat completions (temperature 0, max_tokens 128) from
+a thread pool of that size, and stopped by the process id this script started. Each level sends
+`--requests-per-level` requests (default max(prompts, 2 x concurrency)), cycling through the
+prompts. The order of the servers rotates from one level to the next. Then the overhead check:
+each batched tokenrecycle server (Token Recycling, drafting off) again, with a `Generator` in this
+process (same model, dtype and tree, same warm-up), every prompt through one and then the other,
+back to back (which goes first alternates), so the server's HTTP and scheduling cost at
+concurrency 1 is a measured ratio that load from elsewhere on the machine hits alike.
 
     .venv/bin/python scripts/bench_server.py --per-category 1 --out bench-results/serving.md
 
 Per request: latency (request sent to the stream's end), time to first token (to the first chunk
-with text), completion tokens (the server's `usage`; where a stream has none, its text chunks) and
-errors. Per server and level: aggregate tokens/s (all completion tokens over the level's wall
-time), median and p95 latency, median TTFT. Traffic goes only to 127.0.0.1; every loop is bounded
-in count and in time.
+with text), time per output token after the first ((latency - TTFT) / (completion tokens - 1)),
+completion tokens (the server's `usage`; where a stream has none, its text chunks) and errors. Per
+server and level: aggregate tokens/s (all completion tokens over the level's wall time), median
+and p95 latency, TTFT and TPOT; a plot of tokens/s and median TPOT against concurrency goes next to
+the report as .png. Traffic goes only to 127.0.0.1; every loop is bounded in count and in time.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -142,7 +150,7 @@ def _read_chunk(chunk: dict, seconds: float, result: StreamResult) -> None:
 
 @dataclass
 class RequestRecord:
-    index: int  # the prompt's place in the list
+    index: int  # the request's place in the level (its prompt: index mod the number of prompts)
     latency_s: float
     ttft_s: float | None = None
     completion_tokens: int = 0
@@ -194,14 +202,40 @@ class RunResult:
         return median(r.ttft_s for r in self.ok if r.ttft_s is not None)
 
     @property
+    def p95_ttft_s(self) -> float:
+        return percentile((r.ttft_s for r in self.ok if r.ttft_s is not None), 95)
+
+    @property
+    def tpots_s(self) -> list[float]:
+        """Time per output token after the first, per request that has one (see tpot_s)."""
+        return [t for t in (tpot_s(r) for r in self.ok) if t is not None]
+
+    @property
+    def median_tpot_s(self) -> float:
+        return median(self.tpots_s)
+
+    @property
+    def p95_tpot_s(self) -> float:
+        return percentile(self.tpots_s, 95)
+
+    @property
     def mean_accepted(self) -> float:
         """Tokens per forward pass over the requests whose server counts its passes (MAT)."""
         counted = [r for r in self.ok if r.steps]
         return sum(r.completion_tokens for r in counted) / sum(r.steps for r in counted) if counted else math.nan
 
 
+def tpot_s(record: RequestRecord) -> float | None:
+    """Time per output token after the first: (latency - TTFT) / (completion tokens - 1). None for
+    a failed request, one without a first token, or one with fewer than 2 tokens."""
+    if record.error is not None or record.ttft_s is None or record.completion_tokens < 2:
+        return None
+    return max(record.latency_s - record.ttft_s, 0.0) / (record.completion_tokens - 1)
+
+
 TABLE_HEADER = ("server", "concurrency", "requests", "tokens", "aggregate tokens/s", "median latency (s)",
-                "p95 latency (s)", "median TTFT (s)", "MAT", "errors", "load (1 min)")  # fmt: skip
+                "p95 latency (s)", "median TTFT (s)", "p95 TTFT (s)", "median TPOT (ms)", "p95 TPOT (ms)",
+                "MAT", "errors", "load (1 min)")  # fmt: skip
 
 
 def _number(value: float, digits: int) -> str:
@@ -214,6 +248,7 @@ def table_row(run: RunResult) -> tuple[str, ...]:
     return (
         run.name, str(run.concurrency), str(len(run.records)), str(run.tokens), _number(run.tokens_per_s, 1),
         _number(run.median_latency_s, 2), _number(run.p95_latency_s, 2), _number(run.median_ttft_s, 3),
+        _number(run.p95_ttft_s, 3), _number(run.median_tpot_s * 1000, 1), _number(run.p95_tpot_s * 1000, 1),
         _number(run.mean_accepted, 2), str(run.errors), load,
     )  # fmt: skip
 
@@ -248,6 +283,66 @@ def sorted_runs(runs: Sequence[RunResult], order: Sequence[str]) -> list[RunResu
 
 def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def level_prompts(prompts: Sequence[str], concurrency: int, requests: int | None = None) -> list[str]:
+    """The prompts one level sends: `requests` of them (default max(len(prompts), 2 x concurrency),
+    so every client has work for the whole level), cycling through `prompts` in order."""
+    if not prompts:
+        return []
+    count = requests if requests is not None else max(len(prompts), 2 * concurrency)
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def plot_series(runs: Sequence[RunResult], order: Sequence[str]) -> dict[str, list[tuple[int, float, float]]]:
+    """(concurrency, aggregate tokens/s, median TPOT in ms) per server, by level; servers in `order`
+    (then any others), levels rising; runs with no successful request left out."""
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for run in sorted_runs(runs, order):
+        if run.ok:
+            series.setdefault(run.name, []).append((run.concurrency, run.tokens_per_s, run.median_tpot_s * 1000))
+    return series
+
+
+def write_plot(runs: Sequence[RunResult], order: Sequence[str], path: Path, title: str = "") -> Path:
+    """Two panels against concurrency, one line per server: aggregate tokens/s, and median time
+    per output token. Written as a PNG at `path` (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = plot_series(runs, order)
+    levels = sorted({c for points in series.values() for c, _, _ in points})
+    figure, (throughput, tpot) = plt.subplots(1, 2, figsize=(12, 5.4))
+    try:
+        for name, points in series.items():
+            xs = [c for c, _, _ in points]
+            throughput.plot(xs, [t for _, t, _ in points], marker="o", label=name)
+            tpot.plot(xs, [m for _, _, m in points], marker="o")
+        for axes, label, column in ((throughput, "aggregate tokens/s", 1), (tpot, "median time per output token (ms)", 2)):
+            finite = [p[column] for points in series.values() for p in points if not math.isnan(p[column])]
+            axes.set_xlabel("concurrent clients")
+            axes.set_ylabel(label)
+            if levels:
+                axes.set_xscale("log", base=2)
+                axes.set_xticks(levels, [str(c) for c in levels])
+                axes.minorticks_off()
+            axes.set_ylim(0, 1.1 * max(finite) if finite and max(finite) > 0 else 1)
+            axes.grid(True, alpha=0.3)
+        throughput.set_title("throughput")
+        tpot.set_title("time per output token (lower is better)")
+        if title:
+            figure.suptitle(title, fontsize="small")
+        rows = max(1, math.ceil(len(series) / 3))
+        if series:
+            figure.legend(loc="lower center", ncol=min(3, len(series)), fontsize="small", frameon=False)
+        figure.tight_layout(rect=(0, 0.05 * rows, 1, 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=110)
+    finally:
+        plt.close(figure)
+    return path
 
 
 # ---- HTTP: one streamed chat completion ------------------------------------------------------
@@ -317,7 +412,8 @@ def get_json(port: int, path: str, timeout_s: float = 5.0) -> tuple[int, object]
 
 
 def run_level(send: Callable[[int, str], RequestRecord], prompts: Sequence[str], concurrency: int) -> tuple[float, list[RequestRecord]]:
-    """Every prompt once, at most `concurrency` in flight; (wall seconds, records in prompt order)."""
+    """Every prompt in `prompts` once, at most `concurrency` in flight; (wall seconds, records in
+    order)."""
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench-client") as pool:
         futures = [pool.submit(send, i, prompt) for i, prompt in enumerate(prompts)]
@@ -335,8 +431,34 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class ServerSpec:
     name: str
-    argv: Callable[[int], list[str]]  # the command line for a port
+    argv: Callable[[int, int], list[str]]  # the command line for (port, concurrency): slots follow the level
     ready_path: str  # 200 here means ready
+    key: str = ""  # --servers' short name
+    missing: str | None = None  # why it cannot run here (and how to fix that); None: it can
+
+
+LLAMA_SERVER = Path(sys.executable).with_name("llama-server")  # make llama-server puts it in .venv/bin
+
+
+def tokenrecycle_slots(concurrency: int, max_slots: int | None = None) -> int:
+    """tokenrecycle serve --max-slots for a level: the option when given, else enough for every
+    concurrent request (and never fewer than 4, serve's usual)."""
+    return max_slots if max_slots is not None else max(4, concurrency)
+
+
+def llama_server_argv(binary: Path | str, gguf: Path | str, port: int, slots: int, threads: int, n_ctx: int,
+                      prompt_cache: bool = False) -> list[str]:  # fmt: skip
+    """llama.cpp's C++ server with `slots` parallel slots and continuous batching. llama-server
+    splits --ctx-size across its slots (the KV cache is not unified when --parallel is given), so
+    each slot gets n_ctx: --ctx-size n_ctx x slots. Prompt caching off by default: the levels cycle
+    through the prompts, and reusing an earlier request's KV cache would skip prefills that the
+    other servers (which have no prompt cache) do."""
+    argv = [str(binary), "--model", str(gguf), "--host", HOST, "--port", str(port), "--parallel", str(slots),
+            "--cont-batching", "--threads", str(threads), "--threads-batch", str(threads),
+            "--ctx-size", str(n_ctx * slots), "--no-webui"]  # fmt: skip
+    if not prompt_cache:
+        argv += ["--no-cache-prompt", "--cache-ram", "0"]
+    return argv
 
 
 class ManagedServer:
@@ -345,15 +467,16 @@ class ManagedServer:
 
     live: dict[int, "ManagedServer"] = {}  # every process started and not yet stopped, by pid
 
-    def __init__(self, spec: ServerSpec, log_dir: Path, start_timeout_s: float):
-        self.spec, self.start_timeout_s = spec, start_timeout_s
+    def __init__(self, spec: ServerSpec, log_dir: Path, start_timeout_s: float, concurrency: int = 1):
+        self.spec, self.start_timeout_s, self.concurrency = spec, start_timeout_s, concurrency
         self.port = free_port()
-        self.log_path = log_dir / f"{spec.name.replace(' ', '_').replace('(', '').replace(')', '')}-{self.port}.log"
+        stem = re.sub(r"[^A-Za-z0-9.]+", "_", spec.name).strip("_")
+        self.log_path = log_dir / f"{stem}-c{concurrency}-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "ManagedServer":
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.spec.argv(self.port), stdout=self._log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(self.spec.argv(self.port, self.concurrency), stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)  # fmt: skip
         ManagedServer.live[self.process.pid] = self
         self.wait_ready()
@@ -412,27 +535,58 @@ class ManagedServer:
             server.stop()
 
 
-def server_specs(args: argparse.Namespace, gguf: Path) -> list[ServerSpec]:
+SERVER_KEYS = ("tr", "auto", "plain", "unbatched", "llamacpp", "llamacpp-python")
+TOKENRECYCLE_KEYS = ("tr", "auto", "plain", "unbatched")
+DEFAULT_SERVERS = ("tr", "auto", "plain", "unbatched", "llamacpp")
+TR_NAME, PLAIN_NAME = "tokenrecycle, Token Recycling (batched)", "tokenrecycle, drafting off (batched)"
+OVERHEAD_DRAFTERS = {TR_NAME: None, PLAIN_NAME: "plain"}  # the servers the overhead check pairs with generate
+
+
+def server_specs(args: argparse.Namespace, gguf: Path, llama_server: Path = LLAMA_SERVER) -> list[ServerSpec]:
+    """Every server this script knows, in SERVER_KEYS' order."""
     tokenrecycle = [str(Path(sys.executable).with_name("tokenrecycle")), "serve", "--model", args.model, "--dtype", args.dtype,
                     "--tree", args.tree, "--host", HOST]  # fmt: skip
     if args.no_tune:
         tokenrecycle.append("--no-tune")
-    if args.max_slots is not None:
-        tokenrecycle += ["--max-slots", str(args.max_slots)]
-    llama = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
-             "--n_threads_batch", str(args.threads), "--n_ctx", str(args.n_ctx), "--host", HOST,
-             # llama-cpp-python's default ends a running stream when another request arrives
-             "--interrupt_requests", "False"]  # fmt: skip
+    batched = ["--max-batch-tokens", str(args.max_batch_tokens)] if args.max_batch_tokens is not None else []
+
+    def serve(*extra: str, batching: bool = True) -> Callable[[int, int], list[str]]:
+        return lambda port, concurrency: tokenrecycle + [*extra, *(batched if batching else ()), "--max-slots",
+                                                         str(tokenrecycle_slots(concurrency, args.max_slots)), "--port", str(port)]  # fmt: skip
+
+    python_server = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", str(args.threads),
+                     "--n_threads_batch", str(args.threads), "--n_ctx", str(args.n_ctx), "--host", HOST,
+                     # llama-cpp-python's default ends a running stream when another request arrives
+                     "--interrupt_requests", "False"]  # fmt: skip
+    no_binary = None if llama_server.is_file() else f"{_shown_path(str(llama_server))} not found; `make llama-server` builds it"
+    no_package = None if importlib.util.find_spec("llama_cpp") is not None else "llama-cpp-python is not installed; `make llamacpp` installs it"
     return [
-        ServerSpec("tokenrecycle, Token Recycling", lambda port: tokenrecycle + ["--port", str(port)], "/health"),
-        ServerSpec("tokenrecycle, drafting off", lambda port: tokenrecycle + ["--drafter", "plain", "--port", str(port)], "/health"),
-        ServerSpec("llama.cpp server", lambda port: llama + ["--port", str(port)], "/v1/models"),
+        ServerSpec(TR_NAME, serve(), "/health", "tr"),
+        ServerSpec("tokenrecycle, auto (batched)", serve("--drafter", "auto"), "/health", "auto"),
+        ServerSpec(PLAIN_NAME, serve("--drafter", "plain"), "/health", "plain"),
+        ServerSpec("tokenrecycle, Token Recycling (unbatched)", serve("--no-batching", batching=False), "/health", "unbatched"),
+        ServerSpec("llama.cpp server (llama-server, -np N)",
+                   lambda port, concurrency: llama_server_argv(llama_server, gguf, port, concurrency, args.threads, args.n_ctx,
+                                                               args.llama_prompt_cache),
+                   "/health", "llamacpp", no_binary),  # fmt: skip
+        ServerSpec("llama-cpp-python server (one request at a time)", lambda port, concurrency: python_server + ["--port", str(port)],
+                   "/v1/models", "llamacpp-python", no_package),  # fmt: skip
     ]
+
+
+def select_servers(specs: Sequence[ServerSpec], keys: str | None) -> list[ServerSpec]:
+    """The specs named by comma-separated short keys (DEFAULT_SERVERS when None), in the keys' order."""
+    by_key = {spec.key: spec for spec in specs}
+    chosen = [k.strip() for k in (keys.split(",") if keys else DEFAULT_SERVERS) if k.strip()]
+    unknown = [k for k in chosen if k not in by_key]
+    if unknown:
+        raise ValueError(f"unknown server {', '.join(unknown)}: choose from {','.join(by_key)}")
+    return [by_key[k] for k in dict.fromkeys(chosen)]
 
 
 def bench_server(spec: ServerSpec, prompts: Sequence[str], concurrency: int, args: argparse.Namespace, log_dir: Path) -> RunResult:
     load_before = os.getloadavg()[0]
-    with ManagedServer(spec, log_dir, args.start_timeout) as server:
+    with ManagedServer(spec, log_dir, args.start_timeout, concurrency) as server:
         model = server.model_name()
         for text in WARM_UP_PROMPTS[: args.warm_up]:
             warm = stream_chat(server.port, chat_body(model, text, WARM_UP_TOKENS), args.request_timeout)
@@ -616,13 +770,18 @@ def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: di
         f"Command: `{context['command']}`",
         "",
         f"{context['prompts']} prompts (first turns, {context['per_category']} per category) from `{context['questions']}`; "
+        f"requests per level, cycling through the prompts: {context.get('requests', 'every prompt once')}; "
         f"greedy, max_tokens {context['max_tokens']}, streamed; {context['warm_up']} warm-up requests per server; "
-        f"setup: {context['setup']}; llama.cpp: `{context['gguf']}`, {context['threads']} threads, n_ctx {context['n_ctx']}.",
+        f"setup: {context['setup']}; llama.cpp: `{context['gguf']}`, {context['threads']} threads, n_ctx {context['n_ctx']} per slot.",
         f"Machine: {context['machine']}; load average at start {context['load_start']}, at end {context['load_end']}; "
         f"{context['minutes']:.1f} minutes in all.",
+        *(f"- {note}" for note in context.get("notes", ())),
         "",
         render_markdown(sorted_runs(runs, order)),
         "",
+        "TPOT: time per output token after the first, (latency - TTFT) / (completion tokens - 1), per request "
+        "(requests with one token left out).",
+        *(f"- Skipped: {skip}" for skip in context.get("skipped", ())),
         *(f"- Failed: {failure}" for failure in context.get("failures", ())),
     ]
     counted = sorted({run.name for run in runs if any(not r.tokens_from_usage for r in run.ok)})
@@ -631,6 +790,8 @@ def report_markdown(runs: Sequence[RunResult], order: Sequence[str], context: di
     prompt_tokens = {run.name: median(r.prompt_tokens for r in run.ok if r.prompt_tokens is not None) for run in runs if run.concurrency == 1}
     if prompt_tokens:
         lines.append("- Median prompt tokens at concurrency 1: " + ", ".join(f"{name} {_number(v, 0)}" for name, v in prompt_tokens.items()) + ".")
+    if context.get("plot"):
+        lines += ["", f"![tokens/s and median TPOT against concurrency]({context['plot']})"]
     if paired:
         lines += [
             "",
@@ -660,26 +821,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--questions", default=None, help=f"Spec-Bench-style JSON lines (default {SPEC_BENCH}, else MT-Bench from its package)")
     parser.add_argument("--per-category", type=int, default=1, help="the first N questions of each category (first turns)")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8], help="comma-separated levels")
+    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16], help="comma-separated levels")
+    parser.add_argument("--requests-per-level", type=int, default=None,
+                        help="requests per level, cycling through the prompts (default: max(prompts, 2 x concurrency))")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--model", default="smollm2", help="a bundled model with a GGUF (llama.cpp serves the same file)")
     parser.add_argument("--dtype", default="bfloat16", help="tokenrecycle's dtype (bfloat16, float32 or auto)")
     parser.add_argument("--tree", default="auto", help="tokenrecycle's tree (default auto: tuned once if this setup has no profile)")
     parser.add_argument("--tune-seconds", type=float, default=60.0)
     parser.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile: the static default tree, as serve --no-tune")
-    parser.add_argument("--max-slots", type=int, default=None, help="tokenrecycle serve --max-slots (default: serve's own)")
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
-    parser.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context window")
+    parser.add_argument("--max-slots", type=int, default=None, help="tokenrecycle serve --max-slots (default: max(4, concurrency))")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="tokenrecycle serve --max-batch-tokens, for the batched rows (default: serve's own)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (--threads and --threads-batch)")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="llama.cpp context window per slot (llama-server: --ctx-size n-ctx x slots)")
+    parser.add_argument("--llama-prompt-cache", action="store_true",
+                        help="leave llama-server's prompt cache on (default off: the levels repeat prompts, which the other servers do not cache)")
     parser.add_argument("--warm-up", type=int, default=2, help=f"warm-up requests per server (at most {len(WARM_UP_PROMPTS)})")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds one request may take")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to become ready")
     parser.add_argument("--no-generate", action="store_true", help="skip the overhead check against Generator.generate in process")
-    parser.add_argument("--servers", default=None, help="comma-separated subset: tr,plain,llamacpp (default all)")
-    parser.add_argument("--out", default="bench-results/serving.md", help="markdown report; the raw records go next to it as .json")
+    parser.add_argument("--servers", default=None,
+                        help=f"comma-separated subset of {','.join(SERVER_KEYS)} (default {','.join(DEFAULT_SERVERS)})")
+    parser.add_argument("--out", default="bench-results/serving.md", help="markdown report; the raw records go next to it as .json, the plot as .png")
     parser.add_argument("--log-dir", default=None, help="servers' logs (default: a temporary directory)")
     args = parser.parse_args(argv)
     if args.per_category < 1 or args.max_tokens < 1 or any(c < 1 for c in args.concurrency) or not 0 <= args.warm_up <= len(WARM_UP_PROMPTS):
         parser.error("--per-category, --max-tokens and --concurrency must be at least 1; --warm-up from 0 to 3")
+    if (args.requests_per_level is not None and args.requests_per_level < 1) or (args.max_slots is not None and args.max_slots < 1):
+        parser.error("--requests-per-level and --max-slots must be at least 1")
+    if args.servers is not None:
+        unknown = [k.strip() for k in args.servers.split(",") if k.strip() not in SERVER_KEYS]
+        if unknown:
+            parser.error(f"--servers: unknown {', '.join(unknown)}; choose from {','.join(SERVER_KEYS)}")
     return args
 
 
@@ -696,34 +869,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prompts, questions = load_prompts(args.questions, args.per_category)
     gguf = bundled_gguf(args.model)
-    specs = server_specs(args, gguf)
-    if args.servers:
-        keys = dict(zip(("tr", "plain", "llamacpp"), specs))
-        specs = [keys[k.strip()] for k in args.servers.split(",")]
-    if any(spec.name == "llama.cpp server" for spec in specs) and importlib.util.find_spec("llama_cpp") is None:
-        raise SystemExit("bench_server: llama-cpp-python is not installed (make llamacpp)")
+    specs, skipped = [], []
+    for spec in select_servers(server_specs(args, gguf), args.servers):
+        if spec.missing:
+            skipped.append(f"{spec.name}: {spec.missing}")
+            print(f"bench_server: skipping {spec.name}: {spec.missing}", file=sys.stderr, flush=True)
+        else:
+            specs.append(spec)
+    if not specs:
+        raise SystemExit("bench_server: no server to run")
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="bench-server-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"bench_server: {len(prompts)} prompts from {questions}; logs in {log_dir}; load {load_start}", file=sys.stderr, flush=True)
-    setup = prepare_tree(args)
-    print(f"bench_server: {setup}", file=sys.stderr, flush=True)
-    drafters = {"tokenrecycle, Token Recycling": None, "tokenrecycle, drafting off": "plain"}
+    drafters = OVERHEAD_DRAFTERS
     checks = [] if args.no_generate else [spec for spec in specs if spec.name in drafters]
+    if any(spec.key in TOKENRECYCLE_KEYS for spec in specs):  # no model load or tuning for llama.cpp rows alone
+        setup = prepare_tree(args)
+        print(f"bench_server: {setup}", file=sys.stderr, flush=True)
+    else:
+        setup = "tokenrecycle not run"
     order = [spec.name for spec in specs]
     runs: list[RunResult] = []
     paired: list[PairedResult] = []
     failures: list[str] = []
     try:
         for turn, concurrency in enumerate(args.concurrency):
+            level = level_prompts(prompts, concurrency, args.requests_per_level)
             for spec in rotated(specs, turn):
                 try:
-                    run = bench_server(spec, prompts, concurrency, args, log_dir)
+                    run = bench_server(spec, level, concurrency, args, log_dir)
                 except RuntimeError as exc:  # a server that does not start: the others still run
                     failures.append(f"{spec.name} at concurrency {concurrency}: {str(exc).splitlines()[0]}")
                     print(f"bench_server: {exc}", file=sys.stderr, flush=True)
                     continue
                 runs.append(run)
-                print(f"bench_server: {' · '.join(table_row(run)[:10])}", file=sys.stderr, flush=True)
+                print(f"bench_server: {' · '.join(table_row(run)[:-1])}", file=sys.stderr, flush=True)
         for spec in checks:
             try:
                 result = bench_paired(spec, drafters[spec.name], prompts, args, log_dir)
@@ -737,8 +917,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_server: interrupted; servers stopped; the partial table follows", file=sys.stderr)
     finally:
         ManagedServer.stop_all()
+    out = Path(args.out)
+    plot = out.with_suffix(".png")
+    requests = sorted({(c, len(level_prompts(prompts, c, args.requests_per_level))) for c in args.concurrency})
+    notes = []
+    if any(spec.key == "llamacpp" for spec in specs):
+        example = llama_server_argv(LLAMA_SERVER.name, gguf.name, 0, 4, args.threads, args.n_ctx, args.llama_prompt_cache)
+        notes.append("llama-server at concurrency 4: `" + " ".join(example).replace(" --port 0", "") + "`; "
+                     "at each level --parallel is the concurrency and --ctx-size is n_ctx x slots")  # fmt: skip
+    if any(spec.key in TOKENRECYCLE_KEYS for spec in specs):
+        slots = args.max_slots if args.max_slots is not None else "max(4, concurrency)"
+        batch = f", --max-batch-tokens {args.max_batch_tokens} on the batched rows" if args.max_batch_tokens is not None else ""
+        notes.append(f"tokenrecycle serve: --max-slots {slots}{batch}")
     context = {
         "command": " ".join([".venv/bin/python", "scripts/bench_server.py", *(argv if argv is not None else sys.argv[1:])]),
+        "requests": ", ".join(f"{n} requests at concurrency {c}" for c, n in requests), "notes": notes, "skipped": skipped,
         "prompts": len(prompts), "per_category": args.per_category, "questions": _shown_path(questions),
         "max_tokens": args.max_tokens, "warm_up": args.warm_up, "setup": setup, "gguf": gguf.name,
         "threads": args.threads, "n_ctx": args.n_ctx, "machine": machine_text(), "load_start": load_start,
@@ -748,8 +941,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render_text(sorted_runs(runs, order)))
     for line in paired_lines(paired):
         print(line)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if runs:
+        try:
+            write_plot(runs, order, plot, f"{gguf.name}, greedy, max_tokens {args.max_tokens}; {context['machine']}")
+            context["plot"] = plot.name
+        except Exception as exc:  # the table still comes out without the plot
+            print(f"bench_server: no plot: {type(exc).__name__}: {exc}", file=sys.stderr)
     out.write_text(report_markdown(runs, order, context, paired))
     raw = {
         "context": context,
@@ -757,7 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overhead": [{**asdict(r), "server_tokens_per_s": r.server_tokens_per_s, "generate_tokens_per_s": r.generate_tokens_per_s, "ratio": r.ratio} for r in paired],
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
-    print(f"bench_server: wrote {out} and {out.with_suffix('.json')}", file=sys.stderr)
+    written = [out, out.with_suffix(".json")] + ([plot] if context.get("plot") else [])
+    print(f"bench_server: wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0 if len(runs) == len(specs) * len(args.concurrency) and len(paired) == len(checks) else 1
 
 

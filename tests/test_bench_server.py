@@ -103,10 +103,107 @@ def test_markdown_table_has_a_row_per_run_sorted_by_level_then_server_order(benc
     assert lines[0].startswith("| server | concurrency | requests |") and "aggregate tokens/s" in lines[0]
     assert lines[1] == "|" + "|".join(["---"] * len(bench.TABLE_HEADER)) + "|"
     assert [line.split(" | ")[0:2] for line in lines[2:]] == [["| ours", "1"], ["| ours", "2"], ["| llama", "2"]]
-    assert lines[2] == "| ours | 1 | 3 | 20 | 10.0 | 1.00 | 1.45 | 0.250 | 2.00 | 1 | 1.5-1.8 |"
+    # TTFT median 0.250, p95 0.3625; TPOT (0.375 / 9, 1.125 / 9) s: median 83.3 ms, p95 120.8 ms
+    assert lines[2] == "| ours | 1 | 3 | 20 | 10.0 | 1.00 | 1.45 | 0.250 | 0.362 | 83.3 | 120.8 | 2.00 | 1 | 1.5-1.8 |"
     assert all(line.count("|") == len(bench.TABLE_HEADER) + 1 for line in lines)
     empty = bench.RunResult("down", 4, 1.0, [bench.RequestRecord(0, 1.0, error="refused")])
-    assert bench.table_row(empty)[4:9] == ("0.0", "-", "-", "-", "-")
+    assert bench.table_row(empty)[4:12] == ("0.0", "-", "-", "-", "-", "-", "-", "-")
+
+
+def test_tpot_is_the_time_after_the_first_token_over_the_tokens_after_it(bench):
+    record = bench.RequestRecord
+    assert bench.tpot_s(record(0, 2.1, 0.1, 11)) == pytest.approx(0.2)
+    assert bench.tpot_s(record(0, 0.3, 0.1, 2)) == pytest.approx(0.2)
+    assert bench.tpot_s(record(0, 0.3, 0.1, 1)) is None  # one token: no time after the first
+    assert bench.tpot_s(record(0, 0.3, None, 5)) is None  # no first token seen
+    assert bench.tpot_s(record(0, 0.3, 0.1, 5, error="HTTP 500")) is None
+    result = bench.RunResult("a", 2, 1.0, [record(0, 1.1, 0.1, 11), record(1, 2.1, 0.1, 11), record(2, 0.5, 0.5, 1),
+                                           record(3, 3.1, 0.1, 11), record(4, 9.0, 0.1, 11, error="timed out")])  # fmt: skip
+    assert result.tpots_s == pytest.approx([0.1, 0.2, 0.3])
+    assert result.median_tpot_s == pytest.approx(0.2)
+    assert result.p95_tpot_s == pytest.approx(0.29)
+    assert result.p95_ttft_s == pytest.approx(0.44)  # the one-token request's TTFT still counts
+    assert math.isnan(bench.RunResult("b", 1, 1.0, [record(0, 0.5, 0.5, 1)]).median_tpot_s)
+
+
+def test_each_level_cycles_through_the_prompts_so_every_client_has_work(bench):
+    prompts = [f"p{i}" for i in range(13)]
+    assert bench.level_prompts(prompts, 1) == prompts
+    assert bench.level_prompts(prompts, 4) == prompts  # 13 already exceeds 2 x 4
+    level = bench.level_prompts(prompts, 16)
+    assert len(level) == 32 and level[:13] == prompts and level[13:26] == prompts and level[26:] == prompts[:6]
+    assert bench.level_prompts(prompts, 16, 4) == prompts[:4]
+    assert bench.level_prompts(["a", "b"], 1, 5) == ["a", "b", "a", "b", "a"]
+    assert bench.level_prompts([], 8) == []
+
+
+def test_llama_server_gets_a_slot_per_client_and_the_context_for_each(bench):
+    argv = bench.llama_server_argv("/v/bin/llama-server", "/m/model.gguf", 8123, 4, 2, 2048)
+    assert argv[0] == "/v/bin/llama-server"
+
+    def value(flag):
+        return argv[argv.index(flag) + 1]
+
+    assert (value("--model"), value("--host"), value("--port")) == ("/m/model.gguf", "127.0.0.1", "8123")
+    assert (value("--parallel"), value("--ctx-size")) == ("4", "8192")  # llama-server splits the context across slots
+    assert (value("--threads"), value("--threads-batch")) == ("2", "2")
+    assert "--cont-batching" in argv and "--no-cache-prompt" in argv and value("--cache-ram") == "0"
+    cached = bench.llama_server_argv("llama-server", "m.gguf", 1, 16, 4, 1024, prompt_cache=True)
+    assert "--no-cache-prompt" not in cached and "--cache-ram" not in cached
+    assert cached[cached.index("--ctx-size") + 1] == "16384"
+
+
+def test_server_argv_follows_the_level_and_a_missing_llama_server_is_skipped(bench, tmp_path):
+    args = bench.parse_args(["--threads", "3", "--n-ctx", "1024", "--max-batch-tokens", "256"])
+    assert args.concurrency == [1, 2, 4, 8, 16] and args.requests_per_level is None
+    binary = tmp_path / "llama-server"
+    specs = {spec.key: spec for spec in bench.server_specs(args, tmp_path / "m.gguf", binary)}
+    assert tuple(specs) == bench.SERVER_KEYS
+    llama = specs["llamacpp"]
+    assert "make llama-server" in llama.missing and llama.ready_path == "/health"
+    argv = llama.argv(9000, 8)
+    assert argv[argv.index("--parallel") + 1] == "8" and argv[argv.index("--ctx-size") + 1] == "8192"
+    assert argv[argv.index("--threads") + 1] == "3"
+    binary.write_text("")
+    assert bench.server_specs(args, tmp_path / "m.gguf", binary)[4].missing is None
+
+    def slots(argv):
+        return int(argv[argv.index("--max-slots") + 1])
+
+    assert [slots(specs["tr"].argv(9000, c)) for c in (1, 4, 8, 16)] == [4, 4, 8, 16]
+    auto = specs["auto"].argv(9000, 2)
+    assert auto[auto.index("--drafter") + 1] == "auto" and auto[auto.index("--max-batch-tokens") + 1] == "256"
+    plain = specs["plain"].argv(9000, 2)
+    assert plain[plain.index("--drafter") + 1] == "plain" and plain[-2:] == ["--port", "9000"]
+    unbatched = specs["unbatched"].argv(9000, 16)
+    assert "--no-batching" in unbatched and "--max-batch-tokens" not in unbatched and slots(unbatched) == 16
+    assert "--drafter" not in specs["tr"].argv(9000, 1)
+    fixed = bench.server_specs(bench.parse_args(["--max-slots", "2"]), tmp_path / "m.gguf", binary)
+    assert slots(fixed[0].argv(9000, 16)) == 2 and "--max-batch-tokens" not in fixed[0].argv(9000, 16)
+    assert [s.key for s in bench.select_servers(list(specs.values()), None)] == list(bench.DEFAULT_SERVERS)
+    assert [s.key for s in bench.select_servers(list(specs.values()), "llamacpp, tr")] == ["llamacpp", "tr"]
+    with pytest.raises(ValueError):
+        bench.select_servers(list(specs.values()), "tr,vllm")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--servers", "tr,vllm"])
+
+
+def test_the_plot_has_a_line_per_server_and_is_written_as_png(bench, tmp_path):
+    runs = [run(bench, "ours", 1, [1.0, 2.0]), run(bench, "llama", 2, [1.0], wall=1.0), run(bench, "ours", 2, [1.0]),
+            bench.RunResult("down", 4, 1.0, [bench.RequestRecord(0, 1.0, error="refused")])]  # fmt: skip
+    series = bench.plot_series(runs, ["ours", "llama"])
+    assert list(series) == ["ours", "llama"]  # the server that never answered has no line
+    assert [c for c, _, _ in series["ours"]] == [1, 2]
+    assert series["llama"][0][:2] == (2, 10.0)
+    assert series["ours"][0][2] == pytest.approx(1000 * median_tpot([1.0, 2.0]))
+    path = bench.write_plot(runs, ["ours", "llama"], tmp_path / "plots" / "serving.png", "title")
+    assert path == tmp_path / "plots" / "serving.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def median_tpot(latencies):
+    values = sorted((lat - lat / 4) / 9 for lat in latencies)  # run(): TTFT = latency / 4, 10 tokens
+    return (values[0] + values[-1]) / 2
 
 
 def test_rotation_starts_each_level_with_the_next_server(bench):
@@ -136,3 +233,17 @@ def test_the_overhead_check_pairs_the_server_with_generate_prompt_by_prompt(benc
     assert len(table) == 3 and table[0].startswith("| server (drafter) | prompts | server tokens/s |")
     (line,) = bench.paired_lines([result])
     assert f"ratio {result.ratio:.3f}" in line and "same token count on 1 of 2 prompts" in line
+
+
+def test_the_report_names_skipped_servers_and_links_the_plot(bench):
+    context = {"command": "bench", "prompts": 13, "per_category": 1, "questions": "q.jsonl", "max_tokens": 32, "warm_up": 2,
+               "setup": "tokenrecycle not run", "gguf": "m.gguf", "threads": 2, "n_ctx": 2048, "machine": "cpu",
+               "load_start": "1", "load_end": "1", "minutes": 1.0, "requests": "4 requests at concurrency 1",
+               "notes": ["llama-server at concurrency 4: `llama-server --parallel 4`"], "plot": "serving.png",
+               "skipped": ["llama.cpp server (llama-server, -np N): .venv/bin/llama-server not found; `make llama-server` builds it"]}  # fmt: skip
+    text = bench.report_markdown([run(bench, "ours", 1, [1.0])], ["ours"], context)
+    assert "4 requests at concurrency 1" in text and "n_ctx 2048 per slot" in text
+    assert "- llama-server at concurrency 4: `llama-server --parallel 4`" in text
+    assert "- Skipped: llama.cpp server (llama-server, -np N)" in text and "`make llama-server` builds it" in text
+    assert text.rstrip().endswith("![tokens/s and median TPOT against concurrency](serving.png)")
+    assert "| median TPOT (ms) |" in text
