@@ -101,7 +101,7 @@ def invariance(args) -> str:
 # ---- prefill chunks --------------------------------------------------------------------------------
 def long_prompt(prompts: Sequence[str], tokens: int, engine: Engine) -> str:
     text, i = "", 0
-    while len(engine.encode(text or " ")) < tokens:
+    while not text or len(engine.encode(text)) < tokens:
         text += prompts[i % len(prompts)] + "\n\n"
         i += 1
     return "Summarise the following questions in one paragraph.\n\n" + text

@@ -60,7 +60,7 @@ from .verify import SamplingVerifier
 DEFAULT_MAX_WAITING = 64
 DEFAULT_DRAFTER = "recycling"
 DEFAULT_MAX_BATCH_TOKENS = 256
-DEFAULT_PREFILL_CHUNK = 128
+DEFAULT_PREFILL_CHUNK = 64  # measured: bench-results/batching-prefill.md, docs/batching.md
 
 
 @dataclass(frozen=True)
