@@ -17,7 +17,7 @@ tree or its root alone.
 The conditional rates are kept per request and per node (a node is named by where its drafter grew
 it from, `DraftTree.source`), blended with the rates over all requests so a new request starts from
 what the others showed. The cost curve starts from the tuning profile where there is one (else a
-generic shape) and follows the passes the engine times.
+generic shape) and follows the steps the engine times (the pass, drafting and verification).
 """
 
 from __future__ import annotations

@@ -325,12 +325,17 @@ class Engine:
 
     # ---- batching ----------------------------------------------------------------------------
     def _batched_step(self) -> list[Update]:
+        started = time.perf_counter()
         plan, updates = self._plan()
         results = self._forward([(request.slot, tree) for request, tree in plan])
         for (request, tree), logits in zip(plan, results):
             update = self._failed(request, logits) if isinstance(logits, Exception) else self._decide(request, tree, logits)
             if update is not None:
                 updates.append(update)
+        if plan and not any(isinstance(logits, Exception) for logits in results):
+            # The whole step is timed, drafting and verification included: their cost grows with
+            # the nodes too, and a step is what a request waits for.
+            self.pass_cost.observe(sum(len(tree) for _, tree in plan), time.perf_counter() - started)
         return updates
 
     def _plan(self) -> tuple[list[tuple[Request, DraftTree]], list[Update]]:
@@ -370,13 +375,10 @@ class Engine:
         tree fails ends (nothing is committed by a forward pass, so running again is safe)."""
         if not items:
             return []
-        started = time.perf_counter()
         try:
-            results = self.runner.forward_batch(items)
+            return self.runner.forward_batch(items)
         except Exception:
             return [_or_error(self.runner.forward_tree, slot, tree) for slot, tree in items]
-        self.pass_cost.observe(sum(len(tree) for _, tree in items), time.perf_counter() - started)
-        return results
 
     def _decide(self, request: Request, tree: DraftTree, logits: torch.Tensor) -> Update | None:
         try:
