@@ -49,7 +49,11 @@ MODELS = {name: build(config) for name, config in near_limit_configs().items()}
 
 
 def committed_cache(runner: OneSequence) -> tuple[torch.Tensor, torch.Tensor]:
-    length, cache = runner.cache_length, runner.runner._caches[runner.slot]
+    return slot_cache(runner.runner, runner.slot)
+
+
+def slot_cache(runner: FastRunner, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length, cache = runner.cache_length(slot), runner._caches[slot]
     return cache.keys[:, :, :length].clone(), cache.values[:, :, :length].clone()
 
 
@@ -94,6 +98,67 @@ def test_cache_equals_plain_decoding_of_accepted_tokens(one_thread, family, prom
     if runner.cache_length < runner.max_context:
         nxt = chain_tree([history[-1] % 7])
         torch.testing.assert_close(runner.forward_tree(nxt), reference.forward_tree(nxt), atol=1e-4, rtol=1e-4)
+
+
+def slot_steps(slots: int):
+    """Per step, each slot's (template, tree seed, accepted node) or None: that slot sits the step out."""
+    step = st.one_of(
+        st.none(),
+        st.tuples(st.integers(0, len(TEMPLATES) - 1), st.integers(0, 2**31 - 1), st.integers(0, 10_000)),
+    )
+    return st.lists(st.lists(step, min_size=slots, max_size=slots), min_size=1, max_size=6)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    family=st.sampled_from(sorted(MODELS)),
+    prompts=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=CONTEXT - 2), min_size=2, max_size=3),
+    data=st.data(),
+)
+def test_batched_steps_leave_every_slot_the_cache_of_plain_decoding(one_thread, family, prompts, data):
+    """Several slots stepped together through forward_batch, each with its own random trees and
+    acceptance: every slot ends with the cache of plain decoding of its own accepted tokens."""
+    model = MODELS[family]
+    runner = FastRunner(model, max_slots=len(prompts))
+    slots = [runner.allocate() for _ in prompts]
+    histories = [list(prompt) for prompt in prompts]
+    for slot, prompt in zip(slots, prompts):
+        runner.prefill(slot, np.asarray(prompt), reserve=0)
+    for step in data.draw(slot_steps(len(slots)), label="steps"):
+        items, picks = [], []
+        for slot, choice in zip(slots, step):
+            room = runner.max_context - runner.cache_length(slot) - 1
+            if choice is None or room < 0:
+                continue
+            template_index, seed, pick = choice
+            compiled = TEMPLATES[template_index]
+            tokens = np.random.default_rng(seed).integers(0, VOCAB, size=len(compiled.paths))
+            items.append((slot, limit_depth(prune(compiled, tokens, np.ones(len(tokens), dtype=bool)), room)))
+            picks.append(pick)
+        if not items:
+            continue
+        for (slot, tree), logits, pick in zip(items, runner.forward_batch(items), picks):
+            assert logits.shape == (len(tree), VOCAB)
+            path = tree.path_to(pick % len(tree))
+            runner.commit(slot, path)
+            histories[slot] += tree.tokens[path].tolist()
+            assert runner.cache_length(slot) == len(histories[slot]) <= runner.max_context
+
+    next_items = []
+    for slot, history in zip(slots, histories):
+        reference = OneSequence(FastRunner(model))
+        reference.prefill(np.asarray(history))
+        torch.testing.assert_close(slot_cache(runner, slot), committed_cache(reference), atol=1e-5, rtol=1e-5)
+        room = runner.max_context - len(history) - 1
+        if room >= 0:  # the next tree, batched, against the plain-decoding cache alone
+            compiled = TEMPLATES[1]
+            tokens = np.random.default_rng(len(history)).integers(0, VOCAB, size=len(compiled.paths))
+            tree = limit_depth(prune(compiled, tokens, np.ones(len(tokens), dtype=bool)), room)
+            next_items.append((slot, tree, reference.forward_tree(tree)))
+    if next_items:
+        outputs = runner.forward_batch([(slot, tree) for slot, tree, _ in next_items])
+        for (slot, _, expected), logits in zip(next_items, outputs):
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_grows_past_its_first_allocation_keeping_committed_rows(one_thread):
