@@ -339,36 +339,46 @@ class Engine:
         return updates
 
     def _plan(self) -> tuple[list[tuple[Request, DraftTree]], list[Update]]:
-        """This step's pass: prompt chunks of joining requests (first come first served, as many as
-        fit), then every decoding request's tree cut by the budget; and the updates of requests
-        that failed while drafting."""
-        chunks, trees, failed = [], [], []
+        """This step's pass: prompt chunks of joining requests, then every decoding request's tree
+        cut by the budget; and the updates of requests that failed while drafting."""
         decoding = [r for r in self._running if not r.loop.prefilling]
-        used = len(decoding)
-        for request in (r for r in self._running if r.loop.prefilling):
-            size = min(self.prefill_chunk, len(request.prompt_ids) - request.loop.fed)
-            if used + size > self.max_batch_tokens:
-                break  # max_batch_tokens >= prefill_chunk + max_slots: the first chunk always fits
-            try:
-                chunks.append((request, request.loop.prompt_chunk(size)))
-                used += size
-            except Exception as exc:
-                failed.append(self._failed(request, exc))
+        chunks, failed = self._prompt_chunks(self.max_batch_tokens - len(decoding))
+        trees = []
         for request in decoding:
             try:
                 trees.append((request, request.loop.next_tree()))
             except Exception as exc:
                 failed.append(self._failed(request, exc))
-        chunk_tokens = sum(len(chunk) for _, chunk in chunks)
-        if self.tree_budget:
+        return chunks + self._cut(trees, sum(len(chunk) for _, chunk in chunks)), failed
+
+    def _prompt_chunks(self, room: int) -> tuple[list[tuple[Request, DraftTree]], list[Update]]:
+        """The next chunk of each joining prompt, first come first served, as many as fit in `room`
+        (max_batch_tokens >= prefill_chunk + max_slots: the first always fits)."""
+        chunks, failed = [], []
+        for request in (r for r in self._running if r.loop.prefilling):
+            size = min(self.prefill_chunk, len(request.prompt_ids) - request.loop.fed)
+            if size > room:
+                break
+            try:
+                chunks.append((request, request.loop.prompt_chunk(size)))
+                room -= size
+            except Exception as exc:
+                failed.append(self._failed(request, exc))
+        return chunks, failed
+
+    def _cut(self, trees: list[tuple[Request, DraftTree]], chunk_tokens: int) -> list[tuple[Request, DraftTree]]:
+        """Each tree cut to the nodes the budget gives it (or to equal shares, without the budget).
+        A request with the pass to itself keeps its drafter's tree: that tree is already sized for a
+        pass of its own (tuned to this machine), and the budget is for sharing one."""
+        alone = len(trees) == 1 and chunk_tokens == 0
+        if self.tree_budget and not alone:
             chances = [self._rates[request.id].chances(tree) for request, tree in trees]
             keep = allocate(chances, chunk_tokens, self.pass_cost, self.max_batch_tokens)
         else:
             keep = equal_shares([len(tree) for _, tree in trees], chunk_tokens, self.max_batch_tokens)
         # Trees of sampled drafts are kept whole: how many draws their verification takes depends
         # on the tree, so a cut one would give other samples than the request alone.
-        trees = [(r, tree if tree.draft_probs is not None else trim(tree, k)) for (r, tree), k in zip(trees, keep)]
-        return chunks + trees, failed
+        return [(r, tree if tree.draft_probs is not None else trim(tree, k)) for (r, tree), k in zip(trees, keep)]
 
     def _forward(self, items: list[tuple[int, DraftTree]]) -> list[torch.Tensor | Exception]:
         """One pass for all items; if it fails, each item alone, so that only the request whose
