@@ -126,3 +126,19 @@ def cycle_model(period=5, vocab_size=16):
 
 def as_array(ids):
     return np.asarray(ids, dtype=np.int64)
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+def run_all(engine, requests):
+    """Step until every request has ended; the slots are all free again afterwards."""
+    for _ in range(10_000):
+        if all(r.finished for r in requests):
+            break
+        engine.step()
+    assert engine.idle and engine.runner.free_slots == engine.runner.max_slots
+    return [r.result for r in requests]
+
+
+def alone(engine, prompt, settings):
+    request = engine.submit(prompt, settings)
+    return run_all(engine, [request])[0]

@@ -28,6 +28,7 @@ from tokenrecycle.reference import hf_generate
 from tokenrecycle.sampling import Sampling
 from tokenrecycle.verify import SamplingVerifier
 from enumeration import Branch, ReplayedDraws
+from fakes import alone, run_all
 from tiny_models import one_thread, save_tiny_llama, smollm2_tokenizer  # noqa: F401
 
 CHUNK = 8
@@ -77,19 +78,6 @@ def reference(tight):
         return cache[key][:max_new]
 
     return tokens
-
-
-def run_all(engine, requests):
-    for _ in range(10_000):
-        if all(r.finished for r in requests):
-            break
-        engine.step()
-    assert engine.idle and engine.runner.free_slots == engine.runner.max_slots
-    return [r.result for r in requests]
-
-
-def alone(engine, prompt, settings):
-    return run_all(engine, [engine.submit(prompt, settings)])[0]
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from tokenrecycle.drafters.lookup import LookupDrafter
 from tokenrecycle.drafters.registry import DRAFTERS
 from tokenrecycle.reference import hf_generate
 from tokenrecycle.sampling import Sampling
+from fakes import alone, run_all
 from tiny_models import one_thread, save_tiny_llama, smollm2_tokenizer  # noqa: F401
 
 RNG = np.random.default_rng(7)
@@ -55,21 +56,6 @@ def reference(engine):
         return cache[prompt_index, max_new]
 
     return tokens
-
-
-def run_all(engine, requests):
-    """Step until every request has ended; the slots are all free again afterwards."""
-    for _ in range(10_000):
-        if all(r.finished for r in requests):
-            break
-        engine.step()
-    assert engine.idle and engine.runner.free_slots == engine.runner.max_slots
-    return [r.result for r in requests]
-
-
-def alone(engine, prompt, settings):
-    request = engine.submit(prompt, settings)
-    return run_all(engine, [request])[0]
 
 
 def drafter_settings(engine, name: str):
