@@ -66,7 +66,7 @@ def serve(load_engine: Callable[[], Engine], settings: ServerSettings, drafting:
     server: _Server | None = None
 
     def ready(model: ModelInfo) -> None:
-        print(f"tokenrecycle: serving {model.name} on {address}/v1 · {model.setup.summary()}", file=sys.stderr, flush=True)
+        print(f"tokenrecycle: serving {model.name} on {address}/v1 · {model.setup.summary()} · batching {model.setup.batching}", file=sys.stderr, flush=True)
 
     def failed(exc: BaseException) -> None:
         if server is not None:
