@@ -161,7 +161,9 @@ class Engine:
         tree = "auto" if tree is None else tree
         self.tree = self.resolve(tree)
         self.recycling = self._new_recycling(self.tree)
-        profile, _ = read_profile(self.profile_key)  # after tuning, the fresh profile's cost curve
+        # The batch budget's cost curve: the profile's (read fresh: a tuning has just written it),
+        # unless resolving a tuned tree read it already.
+        profile = self.tree.profile or read_profile(self.profile_key)[0]
         self.pass_cost = PassCost(profile.mean_cost_ms if profile else None)
 
     def resolve(self, tree) -> TreeChoice:
