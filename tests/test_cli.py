@@ -20,7 +20,7 @@ from tokenrecycle import (
 )
 from tokenrecycle.cli import identical_text, main
 from tokenrecycle.models import resolve
-from tokenrecycle.runners.native import SOURCE, native_module_built
+from tokenrecycle.runners.native import SOURCE, module_name, native_module_built
 
 
 @pytest.fixture(autouse=True)
@@ -277,17 +277,27 @@ def test_a_prompt_file_longer_than_an_argument_can_be(capsys, tmp_path):
 def test_native_module_built_reads_the_extension_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert not native_module_built()
-    build = tmp_path / "tokenrecycle_decoder"  # torch's name for the build directory under the root
-    library = build / "tokenrecycle_decoder.so"
+    build = tmp_path / module_name()  # torch's name for the build directory under the root (made by the lookup)
+    library = build / f"{module_name()}.so"
     library.write_bytes(b"")
     assert not native_module_built()  # no build.ninja: not built from this source
     (build / "build.ninja").write_text(f"build decoder.o: compile {SOURCE}\n")
     assert native_module_built()
     (build / "build.ninja").write_text("build decoder.o: compile /another/checkout/decoder.cpp\n")
     assert not native_module_built()  # another checkout's build: rebuilt for this one
-    (build / "build.ninja").write_text(f"build decoder.o: compile {SOURCE}\n")
-    os.utime(library, (0, 0))
-    assert not native_module_built()  # older than the source: rebuilt
+
+
+def test_the_native_build_is_named_by_its_source(tmp_path, monkeypatch):
+    """Another version's source (a second clone, a worktree) gets a build of its own."""
+    edited = tmp_path / "decoder.cpp"
+    edited.write_bytes(SOURCE.read_bytes() + b"\n// edited\n")
+    ours = module_name()
+    monkeypatch.setattr("tokenrecycle.runners.native.SOURCE", edited)
+    module_name.cache_clear()
+    try:
+        assert module_name() != ours and module_name().startswith("tokenrecycle_decoder_")
+    finally:
+        module_name.cache_clear()
 
 
 @pytest.mark.parametrize(

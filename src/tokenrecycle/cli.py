@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from .errors import InvalidOptionError, TokenRecycleError
@@ -129,6 +130,13 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--api-key", default=None, help=f"clients must send Authorization: Bearer KEY (default: ${API_KEY_ENV}; neither: no key needed)")
     serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's own, e.g. smollm2)")
     serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies are answered 413")
+    serve.add_argument("--threads", type=int, default=None, help="torch threads (with --replicas: per replica; default: the cores divided by the replicas)")
+    ray = serve.add_argument_group("replicas on Ray Serve (the optional extra tokenrecycle[ray])")
+    ray.add_argument("--replicas", type=int, default=None, help="serve with N model replicas behind Ray Serve's HTTP proxy, on a local Ray instance (default: one process, no Ray)")
+    ray.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. HEAD:6379 after ray start --head) instead of starting one here")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscaling: the fewest replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscaling: the most replicas (the cores are shared by this many)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, help="autoscaling: the requests per replica Ray Serve aims at")
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -373,8 +381,46 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
     )
     drafting = Drafting("draft-model" if args.draft else args.drafter or "recycling", serving_datastore(args), args.draft, args.draft_shape)
-    return serve(lambda: serving_engine(args), settings, drafting, args.host, args.port,
-                 on_stop=(lambda engine: engine.recycling.save(args.table)) if args.table else None)  # fmt: skip
+    save_table = partial(save_recycling_table, args.table) if args.table else None
+    replicas = replica_settings(args)
+    if replicas is None:
+        return serve(partial(serving_engine, args), settings, drafting, args.host, args.port, on_stop=save_table)
+    from .server.cluster import serve_on_ray
+
+    replica_args = argparse.Namespace(**{**vars(args), "no_tune": True, "threads": None})  # tuned here once; threads set by the replica
+    return serve_on_ray(partial(serving_engine, replica_args), settings, drafting, args.host, args.port, replicas,
+                        args.max_slots, args.queue, prepare=partial(prepare_replicas, args), on_stop=save_table)  # fmt: skip
+
+
+def replica_settings(args: argparse.Namespace):
+    """None for one process; the replicas on Ray when any of their options is given."""
+    from .server.settings import ReplicaSettings
+
+    options = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas, "target_ongoing_requests": args.target_ongoing_requests}
+    if args.replicas is None and args.ray_address is None and all(value is None for value in options.values()):
+        ReplicaSettings(threads=args.threads)  # --threads is checked by the settings that own it
+        return None
+    return ReplicaSettings(replicas=1 if args.replicas is None else args.replicas, threads=args.threads, address=args.ray_address, **options)
+
+
+def save_recycling_table(path: str, engine) -> None:
+    engine.recycling.save(path)
+
+
+def prepare_replicas(args: argparse.Namespace, threads: int) -> None:
+    """Once, here, before local replicas start: the model converted, and with --tree auto the
+    tree tuned for a replica's threads (replicas only load; two tuning at once would measure
+    each other)."""
+    import torch
+
+    from .models import gguf_to_safetensors, resolve
+
+    torch.set_num_threads(threads)
+    path = resolve(args.model)
+    if path.is_file():
+        gguf_to_safetensors(path)
+    if args.tree == "auto" and not args.no_tune:
+        serving_engine(argparse.Namespace(**{**vars(args), "threads": threads}))
 
 
 def serving_datastore(args: argparse.Namespace):
@@ -390,6 +436,10 @@ def serving_engine(args: argparse.Namespace):
     """The server's engine, as generate prepares its generator: tuned on first use, table loaded."""
     from .generator import Generator
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     announce_native_build(args.runner)
     generator = Generator(args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk,
                           quantize=args.quantize, max_slots=args.max_slots, max_waiting=args.queue,

@@ -115,8 +115,13 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     _check_gguf(gguf)
-    with atomic_directory(target) as staging:  # a crash never leaves a half-written model
-        _convert(gguf, staging)
+    try:
+        with atomic_directory(target) as staging:  # a crash never leaves a half-written model
+            _convert(gguf, staging)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # Another process (a replica beside this one) converted it first: theirs is used.
     return target
 
 

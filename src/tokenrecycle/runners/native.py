@@ -9,6 +9,7 @@ on a small model). torch's extension builder compiles it once per torch version 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +19,14 @@ SWITCH = "TOKENRECYCLE_NATIVE"  # 0: always the Python loop
 # Linear kinds and activations as decoder.cpp numbers them.
 PLAIN, PREPACKED, INT4 = 0, 1, 2
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
+
+
+@functools.cache
+def module_name() -> str:
+    """The build's name carries a digest of its source: checkouts of other versions on the same
+    machine (a second clone, a worktree, a replica's copy) each get their own build in torch's
+    cache instead of loading, or rebuilding over, one another's."""
+    return f"tokenrecycle_decoder_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
 
 
 def native_wanted() -> bool:
@@ -45,7 +54,7 @@ def native_module():
 
         put_ninja_on_path()
 
-        return load("tokenrecycle_decoder", [str(SOURCE)], extra_cflags=["-O2"], verbose=False)
+        return load(module_name(), [str(SOURCE)], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python loop computes the same
         lines = str(exc).strip().splitlines()
         return f"the C++ loop could not be built ({type(exc).__name__}: {lines[0] if lines else ''})"
@@ -59,14 +68,14 @@ def native_module_built() -> bool:
     try:
         from torch.utils.cpp_extension import LIB_EXT, _get_build_directory
 
-        name = "tokenrecycle_decoder"  # as native_module() loads it
+        name = module_name()
         build = Path(_get_build_directory(name, verbose=False))
     except Exception:
         return True
     library = build / f"{name}{LIB_EXT}"
-    if not library.is_file() or library.stat().st_mtime < SOURCE.stat().st_mtime:
+    if not library.is_file():
         return False
-    try:  # a build from another checkout's source (another path in build.ninja) is rebuilt for this one
+    try:  # the same source in another checkout (another path in build.ninja) is rebuilt for this one
         return str(SOURCE) in (build / "build.ninja").read_text()
     except OSError:
         return False

@@ -14,6 +14,19 @@ DRAIN_FACTOR = 16  # an oversized body is read to its end (up to this many limit
 
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object; 413 above `limit` bytes, 400 when it is not a JSON object."""
+    raw = await read_body(request, limit)
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ApiError.invalid(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError.invalid("the body must be a JSON object")
+    return body
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body's bytes; 413 above `limit` bytes (read on to its end, up to a bound, so the
+    client finishes sending and reads the answer)."""
     declared = request.headers.get("content-length", "")
     too_large = declared.isdigit() and int(declared) > limit
     chunks, size = [], 0
@@ -28,13 +41,7 @@ async def read_json(request: Request, limit: int) -> dict:
         chunks.append(chunk)
     if too_large:
         raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    try:
-        body = json.loads(b"".join(chunks))
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise ApiError.invalid(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError.invalid("the body must be a JSON object")
-    return body
+    return b"".join(chunks)
 
 
 def check_api_key(request: Request, key: str | None) -> None:

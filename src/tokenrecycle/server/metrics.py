@@ -2,11 +2,18 @@
 
 `Metrics` is the engine thread's observer (steps, drafts, requests' timings, queue and slots)
 and counts HTTP requests by endpoint and status through the `CountRequests` middleware.
+With replicas, each replica reports its `Metrics` to the front (`ReplicaReport`), whose one
+/metrics route merges them, every sample labelled with its replica (`MergedMetrics`).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from ..engine import Engine
 from ..request import Request, RequestState, Update
@@ -89,6 +96,58 @@ class Metrics(EngineObserver):
         self.active_slots.set(len(running))
         self.kv_cache_bytes.set(engine.runner.cache_bytes)
         self.kv_cache_tokens.set(sum(engine.runner.cache_length(r.slot) for r in running if r.slot is not None))
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """One replica's metrics as it sends them to the front, with where it runs."""
+
+    replica: str
+    pid: int
+    node: str
+    threads: int
+    families: list[Metric]
+    sent_at: float  # time.time() on the replica
+
+
+class MergedMetrics:
+    """The front's /metrics: its own counters and, for each replica that reported within
+    `max_age_s`, that replica's families, every sample with a `replica` label."""
+
+    def __init__(self, max_age_s: float):
+        self.max_age_s = max_age_s
+        self._reports: dict[str, tuple[float, ReplicaReport]] = {}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.retries = Counter("tokenrecycle_replica_retries", "requests sent again to another replica: theirs was lost before answering", registry=r)
+        self.cut = Counter("tokenrecycle_replica_cut_answers", "answers cut short by a replica lost after they had started", registry=r)
+        self.reporting = Gauge("tokenrecycle_replicas_reporting", "replicas whose metrics are current", registry=r)
+        self.registry.register(self)
+
+    def update(self, report: ReplicaReport) -> None:
+        self._reports[report.replica] = (time.monotonic(), report)
+
+    def current(self) -> list[ReplicaReport]:
+        """The replicas heard from lately (a dead one drops out), by id."""
+        now = time.monotonic()
+        for replica, (heard, _) in list(self._reports.items()):
+            if now - heard > self.max_age_s:
+                del self._reports[replica]
+        return [report for _, report in sorted(self._reports.values(), key=lambda item: item[1].replica)]
+
+    def collect(self):
+        """Prometheus's collector protocol: one family per name, the replicas' samples merged."""
+        merged: dict[str, Metric] = {}
+        for report in self.current():
+            for family in report.families:
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type, family.unit))
+                for sample in family.samples:
+                    into.samples.append(Sample(sample.name, {**sample.labels, "replica": report.replica}, *sample[2:]))
+        return list(merged.values())
+
+    def render(self) -> bytes:
+        self.reporting.set(len(self.current()))
+        return generate_latest(self.registry)
 
 
 class CountRequests:

@@ -31,3 +31,58 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise InvalidOptionError(f"{name} must be a non-empty string when given")
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """How many model replicas serve on Ray, and with how many threads each.
+
+    `replicas` is the number to start with; autoscaling (any of the three autoscaling fields set)
+    lets Ray Serve move it between `min_replicas` and `max_replicas`, aiming at
+    `target_ongoing_requests` per replica. `threads` None: the cores divided by the most replicas
+    there may be, so that replicas x threads = cores."""
+
+    replicas: int = 1
+    threads: int | None = None
+    address: str | None = None  # None: a local Ray instance on 127.0.0.1, started and stopped here
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    target_ongoing_requests: float | None = None
+
+    def __post_init__(self):
+        for name in ("replicas", "threads", "min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise InvalidOptionError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
+            raise InvalidOptionError(f"--target-ongoing-requests must be positive, got {self.target_ongoing_requests!r}")
+        if self.address is not None and not self.address.strip():
+            raise InvalidOptionError("--ray-address must not be empty")
+        if self.autoscaling and not self.lowest <= self.replicas <= self.most:
+            raise InvalidOptionError(f"--replicas {self.replicas} must lie between --min-replicas {self.lowest} and --max-replicas {self.most}")
+
+    @property
+    def autoscaling(self) -> bool:
+        return any(value is not None for value in (self.min_replicas, self.max_replicas, self.target_ongoing_requests))
+
+    @property
+    def lowest(self) -> int:
+        return self.min_replicas if self.min_replicas is not None else 1
+
+    @property
+    def most(self) -> int:
+        """The most replicas there may be: what the cores are shared by."""
+        if not self.autoscaling:
+            return self.replicas
+        return self.max_replicas if self.max_replicas is not None else max(self.replicas, self.lowest)
+
+    def threads_per_replica(self, cores: int) -> int:
+        return self.threads if self.threads is not None else max(1, cores // self.most)
+
+    def autoscaling_config(self) -> dict | None:
+        if not self.autoscaling:
+            return None
+        config = {"min_replicas": self.lowest, "max_replicas": self.most, "initial_replicas": self.replicas}
+        if self.target_ongoing_requests is not None:
+            config["target_ongoing_requests"] = self.target_ongoing_requests
+        return config
