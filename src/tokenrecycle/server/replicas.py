@@ -76,7 +76,7 @@ class ModelReplica:
         torch.set_num_threads(spec.threads)
         context = serve.get_replica_context()
         self.replica, self.threads = context.replica_id.unique_id, spec.threads
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = ray.util.get_node_ip_address()
         self.model = await self._load(spec)
         self.headers = ((REPLICA_HEADER, self.replica.encode()),)
         self.front = serve.get_deployment_handle(FRONT, context.app_name)
