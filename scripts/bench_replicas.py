@@ -114,6 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--tree", default="auto")
     parser.add_argument("--no-tune", action="store_true")
+    parser.add_argument("--tune-seconds", type=float, default=60.0, help="with --tree auto and no profile: tuning time (each thread count)")
     parser.add_argument("--max-slots", type=int, default=8, help="serve --max-slots, per replica")
     parser.add_argument("--warm-up", type=int, default=2)
     parser.add_argument("--request-timeout", type=float, default=300.0)

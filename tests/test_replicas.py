@@ -128,6 +128,21 @@ def test_a_replica_runs_the_app_and_tells_it_when_the_client_left():
     assert seen["scope"]["headers"] == [(b"host", b"h")] and seen["then"] == {"type": "http.disconnect"}
 
 
+def test_body_chunks_waiting_together_travel_as_one_message():
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for chunk in (b"a", b"b", b"c"):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def run():
+        return [m async for m in run_app(app, ForwardedRequest("GET", "/", b"", (), b""))]
+
+    start, body = asyncio.run(run())
+    assert start["status"] == 200 and body == {"type": "http.response.body", "body": b"abc", "more_body": False}
+
+
 def test_merged_metrics_label_every_sample_with_its_replica_and_drop_the_silent():
     merged = MergedMetrics(max_age_s=60)
     for replica, count in (("r1", 3), ("r2", 5)):

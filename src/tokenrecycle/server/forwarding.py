@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
@@ -54,7 +55,7 @@ async def run_app(app, request: ForwardedRequest, extra_headers: Headers = ()) -
     """The app's ASGI messages for one request, `extra_headers` added to the response's start.
     Closing the iterator early (the front's client left) tells the app its client disconnected,
     as uvicorn would, so the request is cancelled and its slot freed."""
-    messages: asyncio.Queue[dict | None] = asyncio.Queue()
+    outbox = _Outbox()
     disconnected = asyncio.Event()
     body_given = False
 
@@ -69,12 +70,12 @@ async def run_app(app, request: ForwardedRequest, extra_headers: Headers = ()) -
     async def send(message: dict) -> None:
         if message["type"] == "http.response.start" and extra_headers:
             message = {**message, "headers": [*message.get("headers", ()), *extra_headers]}
-        await messages.put(message)
+        outbox.put(message)
 
     task = asyncio.create_task(app(request.scope(), receive, send))
-    task.add_done_callback(lambda _: messages.put_nowait(None))
+    task.add_done_callback(lambda _: outbox.put(None))
     try:
-        while (message := await messages.get()) is not None:
+        while (message := await outbox.next()) is not None:
             yield message
         task.result()  # what the app raised (its CatchAll answers everything: a bug if so)
     finally:
@@ -84,6 +85,37 @@ async def run_app(app, request: ForwardedRequest, extra_headers: Headers = ()) -
                 await asyncio.wait_for(asyncio.shield(task), APP_DRAIN_S)
             except BaseException:  # it did not end in time, or this task is cancelled again
                 task.cancel()
+
+
+class _Outbox:
+    """The app's messages in order; None ends them. `next` joins a body message with the body
+    messages already waiting behind it: when the front falls behind a fast stream, one hop
+    carries several chunks instead of one each (every hop costs CPU the model's steps need)."""
+
+    def __init__(self):
+        self._messages: deque[dict | None] = deque()
+        self._arrived = asyncio.Event()
+
+    def put(self, message: dict | None) -> None:
+        self._messages.append(message)
+        self._arrived.set()
+
+    async def next(self) -> dict | None:
+        while not self._messages:
+            self._arrived.clear()
+            await self._arrived.wait()
+        message = self._messages.popleft()
+        if message is None or message["type"] != "http.response.body":
+            return message
+        body = [message.get("body", b"")]
+        while message.get("more_body", False) and self._messages and _is_body(self._messages[0]):
+            message = self._messages.popleft()
+            body.append(message.get("body", b""))
+        return {"type": "http.response.body", "body": b"".join(body), "more_body": message.get("more_body", False)}
+
+
+def _is_body(message: dict | None) -> bool:
+    return message is not None and message["type"] == "http.response.body"
 
 
 class ReplicaStream(Protocol):
