@@ -73,7 +73,7 @@ def add_decoding_options(parser) -> None:
     parser.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
     parser.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
-    parser.add_argument("--table", default=None, help="where the recycling table is kept between runs (hot start across runs): by default in the cache, one file per model and topk, loaded at start and saved after each run (serve: also every minute while it changed); none: start empty and keep no file; or a file PATH instead")
+    parser.add_argument("--table", default=None, metavar="PATH|none", help="where the recycling table is kept between runs, so each run drafts from what the earlier ones learned (it changes drafts only): by default in the cache, ~/.cache/tokenrecycle/tables/ ($TOKENRECYCLE_CACHE/tables/), one file per model and topk, loaded at start and saved after each run (serve: also every minute when it changed, and at shutdown); none: start with an empty table and keep no file; or a file PATH instead")
 
 
 def add_sampling_options(parser) -> None:
