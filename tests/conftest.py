@@ -1,6 +1,23 @@
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def saved_tables_of_this_session(tmp_path_factory):
+    """Runs keep their recycling table in the cache (hot start across runs): tests must neither
+    read nor write the user's. The cache is a fresh folder here, whose converted models, GGUFs
+    and tuning profiles are the user's own (converting again would take minutes). Subprocesses
+    inherit it."""
+    from tokenrecycle.models import cache_root
+
+    user_cache, session_cache = cache_root(), tmp_path_factory.mktemp("cache")
+    for shared in ("models", "gguf", "profiles"):
+        (user_cache / shared).mkdir(parents=True, exist_ok=True)
+        (session_cache / shared).symlink_to(user_cache / shared, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TOKENRECYCLE_CACHE", str(session_cache))
+        yield session_cache
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled default model in float32 on the fast runner (the default), loaded once."""

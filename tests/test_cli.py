@@ -188,9 +188,9 @@ def test_streams_text_then_stats_and_saves_the_table(capsys, tmp_path):
     assert "new tokens in" in err and "MAT" in err and "tokens/s" in err
     code, _, _ = run_cli(capsys, "--max-new-tokens", "8", "--table", str(table), "Say hello.")
     assert code == 0
-    table.write_bytes(b"broken")
+    table.write_bytes(b"broken")  # a damaged table is a one-line warning, and the run replaces it
     code, _, err = run_cli(capsys, "--max-new-tokens", "8", "--table", str(table), "Say hello.")
-    assert_one_line_error(code, err, "cannot read table file")
+    assert code == 0 and "tokenrecycle: warning: cannot read table file" in err and "Traceback" not in err
 
 
 def test_console_script_entry_point():

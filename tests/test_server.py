@@ -462,8 +462,32 @@ def test_bad_serve_options_are_one_line_and_exit_2(capsys, monkeypatch, model_di
     assert code == 2 and len(lines) == 1 and lines[0].startswith("tokenrecycle: error:") and text in lines[0], err
 
 
+def test_the_table_is_saved_while_serving_when_it_changed(model_dir, tmp_path):
+    """on_interval (the CLI gives it the table's save) runs every save_every_s between steps, and
+    on_stop once at the end."""
+    from fastapi.testclient import TestClient
+
+    from tokenrecycle.tables import TableFile
+
+    engine = Engine(model_dir, dtype="float32", tree="tr4", max_slots=1)
+    tables, stops = TableFile(str(tmp_path / "table.npz")), []
+    settings = ServerSettings(served_model_name=MODEL, save_every_s=0.05)
+    tables.load(engine)  # as the CLI's serving_engine does: none there yet
+    app = create_app(lambda: engine, settings, on_interval=tables.save, on_stop=stops.append)
+    with TestClient(app) as local:
+        assert wait_for(lambda: local.get("/health").status_code == 200)
+        time.sleep(0.2)
+        assert not tables.path(engine).exists()  # nothing learned yet: nothing written
+        assert local.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon", "max_tokens": 4}).status_code == 200
+        assert wait_for(lambda: tables.path(engine).is_file())
+    assert stops == [engine]
+
+
 def test_sigterm_cancels_what_is_in_flight_and_exits_0(model_dir, tmp_path):
-    server = ServerProcess(model_dir, tmp_path / "server.log", "--max-slots", "1")
+    """SIGTERM: the stream in flight ends with an error event, the process exits 0, and the table
+    it learned is saved (--table)."""
+    table = tmp_path / "table.npz"
+    server = ServerProcess(model_dir, tmp_path / "server.log", "--max-slots", "1", "--table", str(table))
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30, trust_env=False) as local:
             with ExitStack() as stack:
@@ -474,5 +498,7 @@ def test_sigterm_cancels_what_is_in_flight_and_exits_0(model_dir, tmp_path):
                 rest = [line for line in lines if line]
             assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]
         assert server.process.wait(20) == 0
+        with np.load(table, allow_pickle=False) as saved:
+            assert (saved["table"] >= 0).any()
     finally:
         server.stop()

@@ -73,7 +73,7 @@ def add_decoding_options(parser) -> None:
     parser.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
     parser.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); may span tokens")
-    parser.add_argument("--table", default=None, help="load the recycling table from this file if it exists, save it after")
+    parser.add_argument("--table", default=None, metavar="PATH|none", help="where the recycling table is kept between runs, so each run drafts from what the earlier ones learned (it changes drafts only): by default in the cache, ~/.cache/tokenrecycle/tables/ ($TOKENRECYCLE_CACHE/tables/), one file per model and topk, loaded at start and saved after each run (serve: also every minute when it changed, and at shutdown); none: start with an empty table and keep no file; or a file PATH instead")
 
 
 def add_sampling_options(parser) -> None:
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     prompt = check_prompt_text(prompt_of(args))
     request = request_settings(args)
-    generator = prepared_generator(args)
+    generator, tables = prepared_generator(args)
     prompt_ids = generator.encode(prompt, request.chat)  # once: the ids are what every run below decodes
     generator.check_fits(prompt_ids, request.max_new_tokens)
     if args.compare:
@@ -183,11 +183,12 @@ def run_generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(piece, end="", flush=True)
     result = generation.result
-    if args.table:
-        generator.save_table(args.table)
+    save_table(tables, generator.engine)
     setup = generator.engine.describe(drafting_label(args))
+    table_file = tables.path(generator.engine)
     report = {
         **setup.to_dict(),
+        "table_file": table_file and str(table_file),
         "draft": args.draft,
         "sampling": asdict(request.sampling) if request.sampling else None,
         "drafter_bytes": (drafter or generator.engine.recycling).memory_bytes,
@@ -222,13 +223,12 @@ def run_chat(args: argparse.Namespace) -> int:
     # Undecodable input becomes lone surrogates the session refuses line by line, not a traceback.
     if hasattr(standard_input(), "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
-    generator = prepared_generator(args)
+    generator, tables = prepared_generator(args)
     settings = ChatSettings(request.max_new_tokens, request.stop, drafter_of(generator, args), request.sampling)
     try:
         return chat_session(generator, settings)
     finally:
-        if args.table:
-            generator.save_table(args.table)
+        save_table(tables, generator.engine)
 
 
 def prompt_of(args: argparse.Namespace) -> str:
@@ -283,7 +283,11 @@ def request_settings(args: argparse.Namespace):
 
 
 def prepared_generator(args: argparse.Namespace):
-    """The generator generate and chat decode with: loaded, tuned on first use, its table loaded."""
+    """The generator generate and chat decode with: loaded, tuned on first use, its table loaded;
+    and the table's file, to save it to after the run."""
+    from .tables import TableFile
+
+    tables = TableFile(args.table)  # a bad --table fails here, before the model loads
     generator = load_generator(args, args.tree)
     tree = generator.engine.tree
     if tree.problem:
@@ -291,9 +295,19 @@ def prepared_generator(args: argparse.Namespace):
     if args.tree == "auto" and tree.name != "auto" and not args.no_tune:
         print(f"tokenrecycle: {'tuning again' if tree.problem else 'no tuning profile for this setup yet: tuning once'} (--no-tune keeps the static tree)", file=sys.stderr)
         tune_with_progress(generator, args.tune_seconds)
-    if args.table and Path(args.table).exists():
-        generator.load_table(args.table)
-    return generator
+    warn(tables.load(generator.engine))  # after tuning: choosing the tuned tree starts a new table
+    return generator, tables
+
+
+def warn(problem: str | None) -> None:
+    if problem:
+        print(f"tokenrecycle: warning: {problem}", file=sys.stderr)
+
+
+def save_table(tables, engine) -> None:
+    """The table's file after a run, and the server's saves (periodic and final): a problem is a
+    warning, never a failed run."""
+    warn(tables.save(engine))
 
 
 def drafter_of(generator, args: argparse.Namespace):
@@ -369,6 +383,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .server import API_KEY_ENV, ServerSettings, serve
     from .server.drafting import Drafting
+    from .tables import TableFile
 
     if args.stop:
         raise InvalidOptionError("serve takes stop strings per request (the stop field), not --stop")
@@ -381,15 +396,17 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
     )
     drafting = Drafting("draft-model" if args.draft else args.drafter or "recycling", serving_datastore(args), args.draft, args.draft_shape)
-    save_table = partial(save_recycling_table, args.table) if args.table else None
+    tables = TableFile(args.table)
+    keep = partial(save_table, tables)  # every ServerSettings.save_every_s while serving, and at the stop
     replicas = replica_settings(args)
     if replicas is None:
-        return serve(partial(serving_engine, args), settings, drafting, args.host, args.port, on_stop=save_table)
+        return serve(partial(serving_engine, args, tables), settings, drafting, args.host, args.port, on_stop=keep, on_interval=keep)
     from .server.cluster import serve_on_ray
 
     replica_args = argparse.Namespace(**{**vars(args), "no_tune": True, "threads": None})  # tuned here once; threads set by the replica
-    return serve_on_ray(partial(serving_engine, replica_args), settings, drafting, args.host, args.port, replicas,
-                        args.max_slots, args.queue, prepare=partial(prepare_replicas, args), on_stop=save_table)  # fmt: skip
+    # Ray pickles the spec whole: each replica loads and saves through one copy of `tables`; all keep the one file, the last save wins.
+    return serve_on_ray(partial(serving_engine, replica_args, tables), settings, drafting, args.host, args.port, replicas,
+                        args.max_slots, args.queue, prepare=partial(prepare_replicas, args), on_stop=keep, on_interval=keep)  # fmt: skip
 
 
 def replica_settings(args: argparse.Namespace):
@@ -401,10 +418,6 @@ def replica_settings(args: argparse.Namespace):
         ReplicaSettings(threads=args.threads)  # --threads is checked by the settings that own it
         return None
     return ReplicaSettings(replicas=1 if args.replicas is None else args.replicas, threads=args.threads, address=args.ray_address, **options)
-
-
-def save_recycling_table(path: str, engine) -> None:
-    engine.recycling.save(path)
 
 
 def prepare_replicas(args: argparse.Namespace, threads: int) -> None:
@@ -432,8 +445,9 @@ def serving_datastore(args: argparse.Namespace):
     return SuffixAutomaton.load(args.datastore)
 
 
-def serving_engine(args: argparse.Namespace):
-    """The server's engine, as generate prepares its generator: tuned on first use, table loaded."""
+def serving_engine(args: argparse.Namespace, tables=None):
+    """The server's engine, as generate prepares its generator: tuned on first use, its table
+    loaded from `tables` (a TableFile; None: the table starts empty)."""
     from .generator import Generator
 
     if args.threads is not None:
@@ -451,8 +465,8 @@ def serving_engine(args: argparse.Namespace):
     if args.tree == "auto" and tree.name != "auto" and not args.no_tune:
         print("tokenrecycle: no tuning profile for this setup yet: tuning once (--no-tune keeps the static tree)", file=sys.stderr)
         tune_with_progress(generator, args.tune_seconds)
-    if args.table and Path(args.table).exists():
-        generator.load_table(args.table)
+    if tables is not None:
+        warn(tables.load(generator.engine))
     return generator.engine
 
 

@@ -157,6 +157,17 @@ def _check_gguf(path: Path) -> None:
         raise CorruptModelError(f"cannot read GGUF {path}: {_one_line(exc)}") from None
 
 
+def model_key(path: Path) -> str:
+    """Cheap identity of a model's content, as the caches key it: a GGUF's file key, or a
+    directory's, hashed from the path, size and time of its config and weight files."""
+    path = Path(path)
+    if path.is_file():
+        return _file_key(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin", ".gguf"))
+    text = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return hashlib.sha256(f"{path.resolve()}|{text}".encode()).hexdigest()[:12]
+
+
 def _file_key(path: Path) -> str:
     """Cheap identity of a file's content: its size and modification time, hashed with its path."""
     stat = path.stat()

@@ -50,6 +50,7 @@ class TokenRecyclingDrafter(Drafter):
         self.budget = budget
         self.table = np.full((vocab_size, topk), UNWRITTEN, dtype=np.int32)
         self.probs = np.zeros((vocab_size, topk), dtype=np.float16) if budget else None
+        self.writes = 0  # counts changes, so a saved copy that is still current is not written again
 
     @property
     def shareable(self) -> bool:
@@ -64,6 +65,7 @@ class TokenRecyclingDrafter(Drafter):
         self.table.fill(UNWRITTEN)
         if self.probs is not None:
             self.probs.fill(0)
+        self.writes += 1
 
     def start(self, prompt_ids: np.ndarray, prompt_logits: torch.Tensor) -> None:
         if not self.hot_start:
@@ -121,6 +123,7 @@ class TokenRecyclingDrafter(Drafter):
         self.table[tokens] = rows
         if probs is not None:
             self.probs[tokens] = probs
+        self.writes += 1
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the table atomically: a crash leaves the old file or none, never half of one."""
@@ -139,6 +142,7 @@ class TokenRecyclingDrafter(Drafter):
         if self.probs is not None:
             # A table saved without probabilities: rank r gets a prior of 1 / (r + 2).
             self.probs[...] = probs if probs is not None else (table >= 0) / np.arange(2, self.topk + 2)
+        self.writes += 1
 
 
 def read_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:

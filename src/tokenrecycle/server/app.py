@@ -74,19 +74,23 @@ class Serving:
 
 def create_app(load_engine: Callable[[], Engine], settings: ServerSettings | None = None, drafting: Drafting | None = None, *,
                on_ready: Callable[[ModelInfo], None] | None = None, on_failed: Callable[[BaseException], None] | None = None,
-               on_stop: Callable[[Engine], None] | None = None) -> FastAPI:  # fmt: skip
+               on_stop: Callable[[Engine], None] | None = None, on_interval: Callable[[Engine], None] | None = None) -> FastAPI:  # fmt: skip
     """The server app. `load_engine` runs on the engine thread when the app starts; `on_ready`
-    and `on_stop` run there too (after the load, after the last request), `on_failed` when the
-    load raised."""
+    and `on_stop` run there too (after the load, after the last request), and `on_interval`
+    every `settings.save_every_s` seconds between steps (the table's periodic save); `on_failed`
+    when the load raised."""
     settings = settings or ServerSettings()
     serving = Serving(load_engine, settings, drafting or Drafting(), on_ready, on_failed, on_stop)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         serving.scheduler.start()
+        periodic = asyncio.create_task(serving.scheduler.call_every(settings.save_every_s, on_interval)) if on_interval else None
         try:
             yield
         finally:
+            if periodic is not None:
+                periodic.cancel()  # before the stop: on_stop, after the last request, is the last call
             serving.scheduler.shutdown()
             await asyncio.to_thread(serving.scheduler.join, SHUTDOWN_WAIT_S)
 

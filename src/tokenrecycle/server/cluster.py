@@ -43,7 +43,7 @@ def cores_here() -> int:
 
 def serve_on_ray(load_engine: Callable[[], Engine], settings: ServerSettings, drafting: Drafting, host: str, port: int,
                  replicas: ReplicaSettings, max_slots: int, max_waiting: int, prepare: Callable[[int], None] | None = None,
-                 on_stop: Callable[[Engine], None] | None = None) -> int:  # fmt: skip
+                 on_stop: Callable[[Engine], None] | None = None, on_interval: Callable[[Engine], None] | None = None) -> int:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C (exit 0); one line on stderr says where, with how many
     replicas and threads. `prepare(threads)` runs first, here, when Ray is local."""
     require_ray()
@@ -69,7 +69,7 @@ def serve_on_ray(load_engine: Callable[[], Engine], settings: ServerSettings, dr
     _quiet_ray_logs()
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
-        spec = ReplicaSpec(load_engine, settings, drafting, threads, on_stop)
+        spec = ReplicaSpec(load_engine, settings, drafting, threads, on_stop, on_interval)
         app = application(spec, replicas.replicas, replicas.autoscaling_config(), max_waiting, max_slots)
         try:
             serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})

@@ -67,6 +67,7 @@ class ReplicaSpec:
     drafting: Drafting
     threads: int
     on_stop: Callable[[Engine], None] | None = None
+    on_interval: Callable[[Engine], None] | None = None
 
 
 class ModelReplica:
@@ -93,7 +94,7 @@ class ModelReplica:
             done.set()
 
         self.app = create_app(spec.load_engine, spec.settings, spec.drafting, on_ready=ready,
-                              on_failed=lambda exc: done.set(), on_stop=spec.on_stop)  # fmt: skip
+                              on_failed=lambda exc: done.set(), on_stop=spec.on_stop, on_interval=spec.on_interval)  # fmt: skip
         self.serving = self.app.state.serving
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()

@@ -57,7 +57,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(load_engine: Callable[[], Engine], settings: ServerSettings, drafting: Drafting, host: str, port: int,
-          on_stop: Callable[[Engine], None] | None = None) -> int:  # fmt: skip
+          on_stop: Callable[[Engine], None] | None = None, on_interval: Callable[[Engine], None] | None = None) -> int:  # fmt: skip
     """Serve until SIGTERM or Ctrl-C; the load's error, if the model could not load, is raised.
     Meanwhile /health answers 503; one line on stderr says when the model is served, and where."""
     _log_to_stderr()
@@ -72,7 +72,7 @@ def serve(load_engine: Callable[[], Engine], settings: ServerSettings, drafting:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(load_engine, settings, drafting, on_ready=ready, on_failed=failed, on_stop=on_stop)
+    app = create_app(load_engine, settings, drafting, on_ready=ready, on_failed=failed, on_stop=on_stop, on_interval=on_interval)
     scheduler = app.state.serving.scheduler
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = _Server(config, scheduler.shutdown)

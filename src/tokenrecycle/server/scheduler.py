@@ -153,6 +153,18 @@ class Scheduler:
             raise
         return Submission(self, request, events)
 
+    async def call_every(self, seconds: float, fn: Callable[[Engine], Any]) -> None:
+        """fn(engine) on the engine thread every `seconds`, between steps, until the engine stops
+        (or its load failed); run as a task, cancelled to end it."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self._post_call(fn)
+            except TokenRecycleError:  # stopping, or never loaded: nothing more to do
+                return
+            except Exception:
+                log.exception("the periodic hook failed")
+
     def cancel(self, request: Request) -> None:
         """End a request and free its slot now (before the next step)."""
         self._post(_Command(lambda engine: self._cancel(engine, request), lambda exc: None))

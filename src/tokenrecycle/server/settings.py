@@ -8,6 +8,7 @@ from ..errors import InvalidOptionError
 
 DEFAULT_MAX_TOKENS = 512  # a request that gives no max_tokens gets as many as fit, up to this
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+DEFAULT_SAVE_EVERY_S = 60.0  # a crash loses at most this much of what the table learned
 API_KEY_ENV = "TOKENRECYCLE_API_KEY"
 
 
@@ -19,14 +20,16 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     retry_after_s: int = 1  # what a 429 tells the client to wait
     disconnect_poll_s: float = 0.25  # how often a request with nothing new checks its client is still there
+    save_every_s: float = DEFAULT_SAVE_EVERY_S  # how often the app's on_interval runs (the table's periodic save)
 
     def __post_init__(self):
         for name in ("default_max_tokens", "max_body_bytes", "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidOptionError(f"{name} must be a whole number of at least 1, got {value!r}")
-        if not self.disconnect_poll_s > 0:
-            raise InvalidOptionError(f"disconnect_poll_s must be positive, got {self.disconnect_poll_s!r}")
+        for name in ("disconnect_poll_s", "save_every_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidOptionError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in ("served_model_name", "api_key"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
