@@ -16,25 +16,27 @@ def generate_baselines(generator, prompts, max_new_tokens: int) -> dict[str, lis
     return {p: generator.generate_with_transformers(p, max_new_tokens=max_new_tokens).token_ids for p in prompts}
 
 
-def greedy_mismatches(generator, baselines: dict[str, list[int]], max_new_tokens: int, **options) -> tuple[list[str], float]:
-    """The prompts whose output differs from their baseline, and the best mean accepted length
-    (above 1.5 shows drafts were really accepted, not only verified)."""
-    mismatches, best = [], 0.0
+def greedy_mismatches(generator, baselines: dict[str, list[int]], max_new_tokens: int, **options) -> tuple[list[str], int]:
+    """The prompts whose output differs from their baseline, and the most tokens one step decided
+    (above 2: a drafted path of two tokens or more was accepted, not only verified)."""
+    mismatches, longest = [], 0
     for prompt, expected in baselines.items():
         result = generator.generate(prompt, max_new_tokens=max_new_tokens, **options)
-        best = max(best, result.mean_accepted)
+        longest = max(longest, *result.accepted_lengths)
         if result.token_ids != expected:
             mismatches.append(prompt)
-    return mismatches, best
+    return mismatches, longest
 
 
-def assert_sampling_exact(generator, prompt: str, sampling: Sampling, tokens: int = 3, template: str = "tr8") -> None:
+def assert_sampling_exact(generator, prompt: str, sampling: Sampling, tokens: int = 3, template: str = "tr8",
+                          chat: bool | None = None) -> None:  # fmt: skip
     """The exact distribution of the first `tokens` sampled tokens through the generator's runner
     with Token Recycling, from a table warmed on the prompt's greedy answer (so drafts are
-    accepted), equals the product of the model's own processed conditionals."""
-    ids = generator.encode(prompt)
+    accepted), equals the product of the model's own processed conditionals. chat=False: the
+    prompt as raw text (shorter: every outcome replays the prefill)."""
+    ids = generator.encode(prompt, chat)
     generator.set_tree(template)
-    generator.generate(prompt, max_new_tokens=32)  # warm the table on this text
+    generator.generate(prompt, max_new_tokens=32, chat=chat)  # warm the table on this text
     recycling = generator.engine.recycling
     table = recycling.table.copy()
 

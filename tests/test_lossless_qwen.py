@@ -50,9 +50,9 @@ def test_loaded_as_qwen2_with_chatml_and_its_eos(qwen):
 @pytest.mark.parametrize("drafter", ["recycling", "auto"])
 def test_greedy_drafting_matches_generate(qwen, baselines, drafter):
     qwen.set_tree(None)
-    mismatches, best = greedy_mismatches(qwen, baselines, MAX_NEW, drafter=drafter)
+    mismatches, longest = greedy_mismatches(qwen, baselines, MAX_NEW, drafter=drafter)
     assert not mismatches, f"{drafter}: outputs differ from model.generate on {mismatches}"
-    assert best > 1.5  # drafts were accepted, not only verified
+    assert longest >= 3  # drafted paths were accepted, not only verified
 
 
 def test_sampling_through_the_fast_runner_is_exact(qwen):
