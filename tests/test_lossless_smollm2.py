@@ -2,7 +2,9 @@
 
 import pytest
 
+from real_models import assert_sampling_exact, generate_baselines
 from tokenrecycle import TEMPLATES
+from tokenrecycle.sampling import Sampling
 
 pytestmark = pytest.mark.real_model
 
@@ -52,7 +54,7 @@ MAX_NEW = 32
 
 @pytest.fixture(scope="module")
 def baselines(smollm2):
-    return {p: smollm2.generate_with_transformers(p, max_new_tokens=MAX_NEW).token_ids for p in PROMPTS}
+    return generate_baselines(smollm2, PROMPTS, MAX_NEW)
 
 
 # All 32 prompts for the float32 default tree; every other prompt (16, from every group above) for
@@ -159,36 +161,7 @@ def test_streamed_pieces_join_to_the_result_text(smollm2):
 def test_sampling_with_token_recycling_is_exact_on_the_real_model(smollm2):
     """Exact output distribution of three sampled tokens (top-k 2: eight outcomes, enumeration.py)
     against the model's own conditionals, with a warm table so drafts are accepted."""
-    import torch
-
-    from enumeration import output_distribution
-    from tokenrecycle.sampling import Sampling
-    from tokenrecycle.verify import SamplingVerifier
-
-    sampling = Sampling(temperature=0.8, top_k=2)
-    prompt = smollm2.encode(PROMPTS[14])
-    smollm2.set_tree("tr8")
-    smollm2.generate(PROMPTS[14], max_new_tokens=32)  # warm the table on this text
-    table = smollm2.engine.recycling.table.copy()
-
-    def drafter():
-        smollm2.engine.recycling.table[:] = table
-        return smollm2.engine.recycling
-
-    actual = output_distribution(lambda: smollm2.runner, drafter, lambda d: SamplingVerifier(sampling, d), prompt, 3)
-    expected = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(3):
-            grown = {}
-            for prefix, probability in expected.items():
-                ids = torch.tensor([prompt.tolist() + list(prefix)])
-                probs = sampling.probabilities(smollm2.engine.loaded.model(ids).logits[0, -1])
-                for token in torch.nonzero(probs).flatten().tolist():
-                    grown[prefix + (token,)] = probability * float(probs[token])
-            expected = grown
-    assert set(actual) == set(expected)
-    for outcome, probability in expected.items():
-        assert actual[outcome] == pytest.approx(probability, abs=1e-5), outcome
+    assert_sampling_exact(smollm2, PROMPTS[14], Sampling(temperature=0.8, top_k=2))
 
 
 def test_interleaved_requests_on_the_real_model_equal_generate(smollm2, baselines):

@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from .errors import InvalidOptionError, TokenRecycleError
-from .models import DEFAULT_MODEL, DTYPES
+from .models import BUNDLED, DEFAULT_MODEL, DTYPES
 from .runners import RUNNERS
 from .drafters.registry import DRAFTERS, TRAIN_FREE
 from .prompts import check_prompt_text
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_model_options(parser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled name (smollm2, gemma3-270m), .gguf file or model directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name ({', '.join(BUNDLED)}), .gguf file or model directory")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
     parser.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
     parser.add_argument("--quantize", choices=["int4"], default=None, help="int4: 4-bit weights in groups of 32 (a model of its own; needs bfloat16 and the fast runner)")

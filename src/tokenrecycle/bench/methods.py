@@ -114,28 +114,44 @@ class TransformersMethod(Method):
     options: dict = field(default_factory=dict)
 
     def run(self, prompt_ids: np.ndarray, max_new_tokens: int) -> MethodRun:
-        cache_lengths: list[int] = []
-
-        def record_cache_length(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
-            cache_lengths.append(cache.get_seq_length() if cache is not None else 0)
-
-        hook = self.model.register_forward_pre_hook(record_cache_length, with_kwargs=True)
+        counter = PassCounter()
+        hook = self.model.register_forward_pre_hook(counter.before_pass)
         try:
             start = time.perf_counter()
             options = {**self.options, **(self.sampling.generate_options() if self.sampling else {})}
-            tokens = hf_generate(self.model, prompt_ids, max_new_tokens, self.eos_ids, **options)
+            tokens = hf_generate(self.model, prompt_ids, max_new_tokens, self.eos_ids, streamer=counter, **options)
             seconds = time.perf_counter() - start
         finally:
             hook.remove()
-        return MethodRun(tokens, seconds, decided_per_call(cache_lengths, len(prompt_ids), len(tokens)))
+        return MethodRun(tokens, seconds, counter.accepted_lengths())
 
 
-def decided_per_call(cache_lengths: list[int], prompt_tokens: int, new_tokens: int) -> list[int]:
-    """Tokens decided by each forward call of transformers' generate, from the cache length seen
-    at each call: before call i > 0 the cache holds all decided tokens but the newest one."""
-    decided_before = [prompt_tokens] + [length + 1 for length in cache_lengths[1:]] + [prompt_tokens + new_tokens]
-    return [after - before for before, after in zip(decided_before, decided_before[1:])]
+class PassCounter:
+    """Tokens decided by each forward pass of the target in transformers' `generate`, from its own
+    public hooks rather than its internals: a forward pre-hook on the target marks each pass, and
+    `generate` hands every decided token to its streamer once, right after the pass that decided
+    it (the prompt first, before any pass). Plain greedy decoding is one token a pass; prompt
+    lookup and assisted decoding the accepted candidates plus one (the prefill verifies too)."""
+
+    def __init__(self):
+        self.decided = 0  # new tokens put so far
+        self.decided_at_pass: list[int] = []
+        self._prompt_put = False
+
+    def before_pass(self, module, args) -> None:
+        self.decided_at_pass.append(self.decided)
+
+    def put(self, token_ids) -> None:
+        if self._prompt_put:
+            self.decided += token_ids.numel()
+        self._prompt_put = True
+
+    def end(self) -> None:
+        pass
+
+    def accepted_lengths(self) -> list[int]:
+        marks = self.decided_at_pass + [self.decided]
+        return [after - before for before, after in zip(marks, marks[1:])]
 
 
 @dataclass

@@ -67,7 +67,7 @@ class HFRunner(ModelRunner):
         self._check_slot(slot)
         self._caches[slot] = DynamicCache()
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self._device)[None]
-        out = self.model(input_ids=ids, past_key_values=self._caches[slot], use_cache=True)
+        out = self.model(input_ids=ids, cache=self._caches[slot], use_cache=True)
         self._committed[slot] = ids.shape[1]
         return out.logits[0].float()
 
@@ -81,7 +81,7 @@ class HFRunner(ModelRunner):
             input_ids=ids,
             position_ids=positions,
             attention_mask=self._masks(tree, start),
-            past_key_values=self._caches[slot],
+            cache=self._caches[slot],  # named past_key_values before transformers 5.24
             use_cache=True,
         )
         return out.logits[0].float()
