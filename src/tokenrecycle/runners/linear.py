@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidOptionError
-from .native import INT4, PLAIN, PREPACKED
+from . import quant
+from .native import INT4, PLAIN, PREPACKED, QUANT, native_module
 
 INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
 
@@ -46,19 +47,53 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
     def native_parts(self) -> tuple:
-        """(weight, bias, int4 scales, kind) for the C++ decoder loop (native.py)."""
+        """(weight, bias, scales, minimums, outputs, kind) for the C++ decoder loop (native.py)."""
         if self._packed is not None:
-            return self._packed, self.bias, None, PREPACKED
-        return self.weight, self.bias, None, PLAIN
+            return self._packed, self.bias, None, None, 0, PREPACKED
+        return self.weight, self.bias, None, None, 0, PLAIN
 
 
-class Int4Linear:
-    """Weight-only 4-bit: each group of 32 inputs of a row has a bfloat16 scale and zero, and
-    w = (q - 8) * scale + zero with q in 0..15 (min-max rounding). Activations stay bfloat16.
+class QuantLinear:
+    """Weight-only 4 or 8 bits in the C++ extension's kernel (quant.py's groups of 32 with a float32
+    scale and minimum), for the few rows of a step: each group is unpacked once per call and applied
+    to every row, so a 16-row tree costs little more than one row. Activations stay bfloat16."""
+
+    def __init__(self, weight: quant.QuantWeight, bias: torch.Tensor | None, module):
+        self.weight, self.bias, self._module = weight, bias, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return self._module.qlinear(x, w.packed, w.scales, w.mins, w.n, w.bits, self.bias)
+
+    def native_parts(self) -> tuple:
+        w = self.weight
+        return w.packed, self.bias, w.scales, w.mins if w.bits == 4 else None, w.n, QUANT
+
+
+def quant_kernel() -> str:
+    """The quantised kernel this process runs: the C++ one's variant, else torch's int4 kernel."""
+    module = native_module()
+    return "torch-int4" if isinstance(module, str) else f"qmatmul-{module.qkernel_name()}"
+
+
+def int4_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Weight-only 4-bit, min-max per group of 32 inputs: w = q * scale + min, q in 0..15.
 
     This defines a model of its own: its outputs are compared with plain decoding of the same
-    quantised weights, not with the unquantised model.
-    """
+    quantised weights, not with the unquantised model. The C++ kernel where the extension builds,
+    else torch's int4 kernel (the same grid, bf16 scales)."""
+    check_int4(weight)
+    module = native_module()
+    if isinstance(module, str):
+        return TorchInt4Linear(weight, bias)
+    return QuantLinear(quant.quantize4(weight), bias, module)
+
+
+class TorchInt4Linear:
+    """torch's CPU int4 kernel: each group of 32 inputs of a row has a bfloat16 scale and zero,
+    w = (q - 8) * scale + zero with q in 0..15 (min-max rounding). The fallback where the C++
+    extension does not build, and the reference the kernel is tested against; its cost grows with
+    every row (8 rows cost about 2x one)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         check_int4(weight)
@@ -77,7 +112,7 @@ class Int4Linear:
         return y if self.bias is None else y + self.bias
 
     def native_parts(self) -> tuple:
-        return self._packed, self.bias, self._scales_zeros, INT4
+        return self._packed, self.bias, self._scales_zeros, None, 0, INT4
 
 
 def check_int4(weight: torch.Tensor) -> None:
@@ -87,7 +122,7 @@ def check_int4(weight: torch.Tensor) -> None:
         raise InvalidOptionError(f"int4 weights need input sizes divisible by {INT4_GROUP}, got {weight.shape[1]}")
 
 
-LINEARS = {None: Linear, "int4": Int4Linear}
+LINEARS = {None: Linear, "int4": int4_linear}
 
 
 def check_quantize(quantize: str | None) -> None:
