@@ -116,13 +116,36 @@ class TorchInt4Linear:
 
 
 def check_int4(weight: torch.Tensor) -> None:
+    """Both 4-bit formats (the kernel's and torch's) need bf16 weights on the CPU, groups of 32."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         raise InvalidOptionError("int4 weights need a bfloat16 model on the CPU (use --dtype bfloat16)")
     if weight.shape[1] % INT4_GROUP:
         raise InvalidOptionError(f"int4 weights need input sizes divisible by {INT4_GROUP}, got {weight.shape[1]}")
 
 
-LINEARS = {None: Linear, "int4": int4_linear}
+LINEARS = {None: Linear, "int4": int4_linear, "gguf": None}  # gguf: the file's own weights (make_linear)
+HEAD_BITS = 8  # int4 models keep an 8-bit LM head (llama.cpp's Q8_0 head): it costs least here
+
+
+def make_linear(modules: list[torch.nn.Linear], quantize: str | None, gguf: dict | None = None):
+    """One layer over projections that read the same input, in the weight format asked for; gguf:
+    {parameter: QuantWeight} read from the model's file (gguf_weights.py), keyed by id of the weight."""
+    weight, bias = fuse([m.weight.detach() for m in modules], [None if m.bias is None else m.bias.detach() for m in modules])
+    if quantize != "gguf":
+        return LINEARS[quantize](weight, bias)
+    module = native_module()
+    if isinstance(module, str):  # no kernel: the same weights, dequantised by transformers, in bf16
+        return Linear(weight, bias)
+    return QuantLinear(quant.concat([gguf[id(m.weight)] for m in modules]), bias, module)
+
+
+def head_linear(weight: torch.Tensor, quantize: str | None, gguf: quant.QuantWeight | None = None):
+    """The LM head: bf16 unless the weights are quantised and the kernel builds; then the GGUF's own
+    head (gguf) or 8 bits per group of 32 (int4)."""
+    module = native_module()
+    if quantize is None or isinstance(module, str):
+        return Linear(weight)
+    return QuantLinear(gguf if quantize == "gguf" else quant.quantize8(weight), None, module)
 
 
 def check_quantize(quantize: str | None) -> None:

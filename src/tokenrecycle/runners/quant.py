@@ -194,3 +194,25 @@ def from_gguf(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quant
     if minimum is not None:
         minimum = torch.from_numpy(np.ascontiguousarray(minimum, dtype=np.float32).reshape(n, k // GROUP))
     return pack(q, scale, minimum, bits)
+
+
+# ---- rearranging -------------------------------------------------------------------------------
+def take_rows(weight: QuantWeight, order) -> QuantWeight:
+    """The weight with its outputs (rows) reordered: row i is the old row order[i]; exact."""
+    q, scale, minimum = unpack(weight)
+    index = torch.as_tensor(np.asarray(order), dtype=torch.long)
+    return pack(q[index], scale[index], None if minimum is None else minimum[index], weight.bits)
+
+
+def concat(weights: list[QuantWeight]) -> QuantWeight:
+    """Outputs of several weights over the same inputs as one weight (fused q/k/v, gate/up): exact
+    where their formats agree; beside 8-bit parts, 4-bit ones are requantised to 8 bits (close to
+    exact: 8 bits per group hold a 4-bit group's 16 levels to within half an 8-bit step)."""
+    if len(weights) == 1:
+        return weights[0]
+    bits = {w.bits for w in weights}
+    if len(bits) > 1:  # mixed formats (a Q4_K_M file): requantise the dequantised 4-bit parts to 8
+        weights = [w if w.bits == 8 else quantize8(dequantize(w)) for w in weights]
+    parts = [unpack(w) for w in weights]
+    minimum = None if weights[0].bits == 8 else torch.cat([p[2] for p in parts])
+    return pack(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), minimum, weights[0].bits)
