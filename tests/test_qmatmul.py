@@ -138,3 +138,13 @@ def test_gguf_types_without_a_match_are_requantised_to_8_bits():
 
 def test_int4_group_is_the_kernels():
     assert INT4_GROUP == quant.GROUP
+
+
+def test_fused_weights_join_exactly():
+    rng = np.random.default_rng(1)
+    parts = [quant.quantize4(torch.from_numpy(rng.standard_normal((n, 64)).astype(np.float32))) for n in (32, 16, 21)]
+    whole_blocks = quant.concat(parts[:2])
+    assert torch.equal(quant.dequantize(whole_blocks), torch.cat([quant.dequantize(p) for p in parts[:2]]))
+    ragged = quant.concat(parts)
+    assert torch.equal(quant.dequantize(ragged), torch.cat([quant.dequantize(p) for p in parts]))
+    assert torch.equal(quant.block_rows(ragged, -1), quant.dequantize(ragged)[64:])

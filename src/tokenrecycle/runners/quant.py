@@ -197,11 +197,15 @@ def from_gguf(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Quant
 
 
 # ---- rearranging -------------------------------------------------------------------------------
-def take_rows(weight: QuantWeight, order) -> QuantWeight:
-    """The weight with its outputs (rows) reordered: row i is the old row order[i]; exact."""
-    q, scale, minimum = unpack(weight)
-    index = torch.as_tensor(np.asarray(order), dtype=torch.long)
-    return pack(q[index], scale[index], None if minimum is None else minimum[index], weight.bits)
+def block_rows(weight: QuantWeight, block: int) -> torch.Tensor:
+    """The dequantised rows of one block of 16 outputs (a cheap look at a large weight)."""
+    block = block % weight.packed.shape[0]
+    n = min(BLOCK, weight.n - block * BLOCK)
+    part = QuantWeight(
+        weight.packed[block : block + 1], weight.scales[block : block + 1],
+        weight.mins[block : block + 1] if weight.bits == 4 else weight.mins, n, weight.k, weight.bits,
+    )  # fmt: skip
+    return dequantize(part)
 
 
 def concat(weights: list[QuantWeight]) -> QuantWeight:
@@ -211,6 +215,11 @@ def concat(weights: list[QuantWeight]) -> QuantWeight:
     if len(weights) == 1:
         return weights[0]
     bits = {w.bits for w in weights}
+    if len(bits) == 1 and all(w.n % BLOCK == 0 for w in weights):  # whole blocks: join as they are
+        return QuantWeight(
+            torch.cat([w.packed for w in weights]), torch.cat([w.scales for w in weights]),
+            torch.cat([w.mins for w in weights]), sum(w.n for w in weights), weights[0].k, weights[0].bits,
+        )  # fmt: skip
     if len(bits) > 1:  # mixed formats (a Q4_K_M file): requantise the dequantised 4-bit parts to 8
         weights = [w if w.bits == 8 else quantize8(dequantize(w)) for w in weights]
     parts = [unpack(w) for w in weights]
