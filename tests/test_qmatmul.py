@@ -17,6 +17,7 @@ import torch
 from tokenrecycle.runners import quant
 from tokenrecycle.runners.linear import INT4_GROUP, TorchInt4Linear
 from tokenrecycle.runners.native import native_module
+from tiny_models import one_thread  # noqa: F401 (a fixture)
 
 ROWS = (1, 2, 3, 8, 16, 17, 32)
 SHAPES = [(37, 96), (64, 32), (128, 160)]  # outputs not a multiple of 16, one and several groups
@@ -148,3 +149,27 @@ def test_fused_weights_join_exactly():
     ragged = quant.concat(parts)
     assert torch.equal(quant.dequantize(ragged), torch.cat([quant.dequantize(p) for p in parts]))
     assert torch.equal(quant.block_rows(ragged, -1), quant.dequantize(ragged)[64:])
+
+
+def test_the_cpp_and_python_loops_agree_bit_for_bit_on_the_kernel(module, monkeypatch, one_thread):
+    from test_fast_runner import committed_cache
+    from tiny_models import VOCAB, build, tiny_configs, trimmed
+    from fakes import OneSequence
+    from tokenrecycle.runners import FastRunner, Loop
+    from tokenrecycle.runners.linear import QMATMUL_SWITCH, QuantLinear
+    from tokenrecycle.trees import prune
+
+    monkeypatch.setenv(QMATMUL_SWITCH, "1")
+    model = build(tiny_configs()["llama"]).to(torch.bfloat16)
+    native, python = (OneSequence(FastRunner(model, quantize="int4", native=flag)) for flag in (None, False))
+    assert (native.loop, python.loop) == (Loop.CPP, Loop.PYTHON) and isinstance(native.runner._layers[0].qkv, QuantLinear)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, VOCAB, size=20)
+    compiled = trimmed("tr16")
+    assert torch.equal(native.prefill(prompt), python.prefill(prompt))
+    for _ in range(2):
+        tree = prune(compiled, rng.integers(0, VOCAB, size=len(compiled.paths)), np.ones(len(compiled.paths), bool))
+        assert torch.equal(native.forward_tree(tree), python.forward_tree(tree))
+        path = tree.path_to(int(rng.integers(len(tree))))
+        native.commit(path), python.commit(path)
+    assert all(torch.equal(a, b) for a, b in zip(committed_cache(native), committed_cache(python)))

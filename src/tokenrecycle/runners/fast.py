@@ -169,7 +169,7 @@ class FastRunner(ModelRunner):
             _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, linear)
             for i, layer in enumerate(decoder.layers[:layers])
         ]
-        self.kernel = quant_kernel() if quantize else None
+        self.kernel = quant_kernel(quantize) if quantize else None
         self._windows = sorted({layer.window for layer in self._layers}, key=lambda w: -1 if w is None else w)
         self._rope_keys = sorted({layer.rope for layer in self._layers})
         self._rope_takes_layer_type = "layer_type" in inspect.signature(self._rotary.forward).parameters

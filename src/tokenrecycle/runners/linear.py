@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +12,14 @@ from . import quant
 from .native import INT4, PLAIN, PREPACKED, QUANT, native_module
 
 INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
+# 1: --quantize int4 on the C++ kernel (and an 8-bit head). Off by default: on the 2-core AMX machine
+# it is flatter with rows but slower for one row than torch's int4 kernel, and plain int4 decoding
+# ran at 46 against 78 tokens/s (scripts/bench_int4_runners.py). --quantize gguf always uses it.
+QMATMUL_SWITCH = "TOKENRECYCLE_QMATMUL"
+
+
+def int4_on_kernel() -> bool:
+    return os.environ.get(QMATMUL_SWITCH, "0") == "1" and not isinstance(native_module(), str)
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -70,23 +80,24 @@ class QuantLinear:
         return w.packed, self.bias, w.scales, w.mins if w.bits == 4 else None, w.n, QUANT
 
 
-def quant_kernel() -> str:
-    """The quantised kernel this process runs: the C++ one's variant, else torch's int4 kernel."""
+def quant_kernel(quantize: str) -> str:
+    """The matrix kernel of a quantised runner: the C++ one's variant, or torch's int4 kernel."""
     module = native_module()
-    return "torch-int4" if isinstance(module, str) else f"qmatmul-{module.qkernel_name()}"
+    if isinstance(module, str):
+        return "torch-int4" if quantize == "int4" else "onednn-bf16"
+    return f"qmatmul-{module.qkernel_name()}" if quantize == "gguf" or int4_on_kernel() else "torch-int4"
 
 
 def int4_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Weight-only 4-bit, min-max per group of 32 inputs: w = q * scale + min, q in 0..15.
 
     This defines a model of its own: its outputs are compared with plain decoding of the same
-    quantised weights, not with the unquantised model. The C++ kernel where the extension builds,
-    else torch's int4 kernel (the same grid, bf16 scales)."""
+    quantised weights, not with the unquantised model. torch's int4 kernel (bf16 scales), or the
+    C++ kernel where TOKENRECYCLE_QMATMUL=1 and the extension builds."""
     check_int4(weight)
-    module = native_module()
-    if isinstance(module, str):
+    if not int4_on_kernel():
         return TorchInt4Linear(weight, bias)
-    return QuantLinear(quant.quantize4(weight), bias, module)
+    return QuantLinear(quant.quantize4(weight), bias, native_module())
 
 
 class TorchInt4Linear:
@@ -124,7 +135,6 @@ def check_int4(weight: torch.Tensor) -> None:
 
 
 LINEARS = {None: Linear, "int4": int4_linear, "gguf": None}  # gguf: the file's own weights (make_linear)
-HEAD_BITS = 8  # int4 models keep an 8-bit LM head (llama.cpp's Q8_0 head): it costs least here
 
 
 def make_linear(modules: list[torch.nn.Linear], quantize: str | None, gguf: dict | None = None):
@@ -140,10 +150,9 @@ def make_linear(modules: list[torch.nn.Linear], quantize: str | None, gguf: dict
 
 
 def head_linear(weight: torch.Tensor, quantize: str | None, gguf: quant.QuantWeight | None = None):
-    """The LM head: bf16 unless the weights are quantised and the kernel builds; then the GGUF's own
-    head (gguf) or 8 bits per group of 32 (int4)."""
+    """The LM head: the GGUF's own (gguf), 8 bits per group of 32 (int4 on the C++ kernel), else bf16."""
     module = native_module()
-    if quantize is None or isinstance(module, str):
+    if isinstance(module, str) or quantize is None or (quantize == "int4" and not int4_on_kernel()):
         return Linear(weight)
     return QuantLinear(gguf if quantize == "gguf" else quant.quantize8(weight), None, module)
 

@@ -8,8 +8,8 @@
 // with q is exact in each product and rounded only in float32 sums; the group's scale and minimum
 // are applied after, in float32: y = sum_g scale_g * (x_g . q_g) + min_g * sum(x_g).
 //
-// Every row goes through the same instructions in the same order whatever the number of rows in
-// the call, so a token's result does not depend on the tree it is verified in.
+// With a given kernel every row goes through the same instructions in the same order whatever the
+// number of rows in the call (kAuto switches kernel between one row and more).
 
 #include "qmatmul.h"
 
@@ -211,13 +211,24 @@ AMX_TARGET void amx_blocks(const Problem& p, int64_t begin, int64_t end) {
 }
 
 // ---- AVX-512 bf16 dot products: one row at a time ----------------------------------------------
-AVX512_TARGET inline __m512 dot_plane(const uint16_t* xg, const uint16_t* b, __m512 part[4]) {
-  for (int r = 0; r < kBRows; ++r) {  // four chains: the products' latencies overlap
-    uint32_t pair;
-    std::memcpy(&pair, xg + 2 * r, sizeof pair);
-    part[r % 4] = _mm512_dpbf16_ps(part[r % 4], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_load_si512(b + 32 * r));
+// x . q for one row and one plane: four named chains so that the products' latencies overlap
+// (an indexed array of accumulators would live in memory).
+AVX512_TARGET inline __m512 dot_step(__m512 acc, const uint16_t* xg, const uint16_t* b, int r) {
+  uint32_t bits;
+  std::memcpy(&bits, xg + 2 * r, sizeof bits);
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(bits)),
+                          (__m512bh)_mm512_load_si512(b + 32 * r));
+}
+
+AVX512_TARGET inline __m512 dot_plane(const uint16_t* xg, const uint16_t* b) {
+  __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+  for (int r = 0; r < kBRows; r += 4) {
+    p0 = dot_step(p0, xg, b, r);
+    p1 = dot_step(p1, xg, b, r + 1);
+    p2 = dot_step(p2, xg, b, r + 2);
+    p3 = dot_step(p3, xg, b, r + 3);
   }
-  return _mm512_add_ps(_mm512_add_ps(part[0], part[1]), _mm512_add_ps(part[2], part[3]));
+  return _mm512_add_ps(_mm512_add_ps(p0, p1), _mm512_add_ps(p2, p3));
 }
 
 AVX512_TARGET void avx512_blocks(const Problem& p, int64_t begin, int64_t end) {
@@ -231,12 +242,8 @@ AVX512_TARGET void avx512_blocks(const Problem& p, int64_t begin, int64_t end) {
       unpack_block(p, nb, g, b, tables);
       for (int64_t m = 0; m < p.rows; ++m) {
         const uint16_t* xg = p.x + m * p.k + g * kGroup;
-        __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        __m512 dot = dot_plane(xg, b, part);
-        if (p.bits == 8) {
-          __m512 low[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          dot = _mm512_add_ps(dot, dot_plane(xg, b + kPlaneElems, low));
-        }
+        __m512 dot = dot_plane(xg, b);
+        if (p.bits == 8) dot = _mm512_add_ps(dot, dot_plane(xg, b + kPlaneElems));
         _mm512_storeu_ps(dots.data() + m * kBlock, dot);
       }
       accumulate(p, nb, g, 0, p.rows, dots.data(), acc);
@@ -297,9 +304,12 @@ bool cpu_has_avx512_bf16() {
 
 bool cpu_has_amx() { return cpu_has_avx512_bf16() && __builtin_cpu_supports("amx-bf16") && amx_permitted(); }
 
-int64_t resolve(int64_t kernel) {
+// kAuto: AMX tiles for two rows or more; for one row a tile product wastes 15 of its 16 rows and
+// its latency dominates, so AVX-512 dot products go faster there.
+int64_t resolve(int64_t kernel, int64_t rows = 2) {
   if (kernel != kAuto) return kernel;
-  return cpu_has_amx() ? kAmx : cpu_has_avx512_bf16() ? kAvx512 : kGeneric;
+  if (cpu_has_amx() && rows > 1) return kAmx;
+  return cpu_has_avx512_bf16() ? kAvx512 : kGeneric;
 }
 
 }  // namespace
@@ -314,7 +324,7 @@ std::vector<int64_t> available_kernels() {
 
 std::string kernel_name(int64_t kernel) {
   switch (resolve(kernel)) {
-    case kAmx: return "amx-bf16";
+    case kAmx: return kernel == kAuto ? "amx-bf16+avx512-bf16" : "amx-bf16";
     case kAvx512: return "avx512-bf16";
     default: return "generic";
   }
@@ -329,7 +339,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
                   scales.numel() == blocks * groups * kBlock && packed.is_contiguous() && scales.is_contiguous(),
               "qmatmul: weights do not match the input size");
   TORCH_CHECK(bits == 8 || (mins.numel() == scales.numel() && mins.is_contiguous()), "qmatmul: 4 bits need minimums");
-  kernel = resolve(kernel);
+  kernel = resolve(kernel, x.size(0));
+  TORCH_CHECK(kernel == kGeneric || (kernel == kAvx512 ? cpu_has_avx512_bf16() : cpu_has_amx()),
+              "qmatmul: this CPU cannot run kernel ", kernel);  // (cpu_has_amx also asks Linux for the tiles)
   const auto xc = x.contiguous();
   auto y = at::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0) return y;
