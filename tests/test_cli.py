@@ -89,13 +89,14 @@ def test_auto_dtype_and_runner_are_reported(capsys):
     assert json.loads(out)["runner"] == "hf" and json.loads(out)["dtype_reason"] == "asked for float32"
 
 
-def test_int4_compares_with_plain_decoding_of_the_same_weights(capsys):
-    args = ["--json", "--compare", "--quantize", "int4", "--dtype", "bfloat16", "--max-new-tokens", "8", "Hi"]
+@pytest.mark.parametrize("quantize", ["int4", "gguf"])  # gguf: the file's own Q4_1 blocks and Q8_0 head
+def test_quantised_weights_compare_with_plain_decoding_of_the_same_weights(capsys, quantize):
+    args = ["--json", "--compare", "--quantize", quantize, "--dtype", "bfloat16", "--max-new-tokens", "8", "Hi"]
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     report = json.loads(out)
-    assert report["quantize"] == "int4" and report["tree"] == "tr2"
-    assert report["baseline"] == "plain greedy, same int4 runner"
+    assert report["quantize"] == quantize and report["tree"] == "tr2"
+    assert report["baseline"] == f"plain greedy, same {quantize} runner"
 
 
 def test_user_tree_file_is_validated(capsys, tmp_path):

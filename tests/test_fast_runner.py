@@ -21,7 +21,7 @@ from tokenrecycle.hardware import auto_dtype, cpu_flags
 from tokenrecycle.runners import FastRunner, HFRunner, Loop, make_runner
 from tokenrecycle.runners.kv_cache import MIN_CAPACITY, KVCache
 from tokenrecycle.runners import fast
-from tokenrecycle.runners.linear import INT4_GROUP, Int4Linear
+from tokenrecycle.runners.linear import INT4_GROUP, int4_linear
 from tokenrecycle.runners.native import native_module
 from tokenrecycle.trees import chain_tree, limit_depth, prune
 from fakes import OneSequence
@@ -270,13 +270,13 @@ def test_int4_linear_reproduces_a_weight_on_its_grid():
     bias = torch.randn(48).bfloat16()
     x = torch.randn(5, 64).bfloat16()
     expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
-    torch.testing.assert_close(Int4Linear(weight, bias)(x).float(), expected, atol=0.05, rtol=0.02)
+    torch.testing.assert_close(int4_linear(weight, bias)(x).float(), expected, atol=0.05, rtol=0.02)
 
 
 def test_int4_linear_error_is_bounded_by_half_a_step():
     weight = torch.randn(32, 64).bfloat16()
     eye = torch.eye(64).bfloat16()
-    dequantised = Int4Linear(weight)(eye).float().t()  # x = I gives back the weights
+    dequantised = int4_linear(weight)(eye).float().t()  # x = I gives back the weights
     step = weight.float().view(32, 2, 32).amax(-1) - weight.float().view(32, 2, 32).amin(-1)
     error = (dequantised - weight.float()).abs().view(32, 2, 32).amax(-1)
     assert (error <= step / 30 + 0.02).all()  # half a step of (max - min) / 15, plus bf16 rounding

@@ -59,7 +59,12 @@ def add_model_options(parser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name ({', '.join(BUNDLED)}), .gguf file or model directory")
     parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
     parser.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
-    parser.add_argument("--quantize", choices=["int4"], default=None, help="int4: 4-bit weights in groups of 32 (a model of its own; needs bfloat16 and the fast runner)")
+    parser.add_argument(
+        "--quantize", choices=["int4", "gguf"], default=None,
+        help="int4: 4-bit weights in groups of 32, 8-bit LM head; gguf: the GGUF file's own quantised weights "
+        "(Q4_0/Q4_1/Q4_K in 4 bits, Q8_0/Q5_0 in 8, other types requantised to 8). Each is a model of its own; "
+        "needs bfloat16 and the fast runner",
+    )  # fmt: skip
     parser.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
 
 

@@ -137,7 +137,8 @@ class Engine:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, picked.dtype)
         self.dtype, self.dtype_reason = picked.dtype, picked.reason
         self.quantize, self.topk, self.shared_table = quantize, topk, shared_table
-        self.runner = make_runner(self.loaded.model, runner, quantize, max_slots)
+        gguf = self.loaded.path if quantize == "gguf" else None
+        self.runner = make_runner(self.loaded.model, runner, quantize, max_slots, gguf=gguf)
         self.eos_ids = eos_token_ids(self.loaded.model, self.loaded.tokenizer)
         self.cache_tokens = cache_tokens or max_slots * (self.runner.max_context + TREE_SLOTS)
         self.max_waiting = max_waiting

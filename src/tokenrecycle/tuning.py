@@ -125,6 +125,7 @@ class ProfileKey:
     threads: int
     torch: str
     version: int = PROFILE_VERSION
+    kernel: str | None = None  # quantised weights: which kernel (each has its own cost curve)
 
     @classmethod
     def of(cls, model_path: Path, runner: ModelRunner, dtype: str, quantize: str | None, topk: int) -> ProfileKey:
@@ -132,11 +133,14 @@ class ProfileKey:
         return cls(
             model=Path(model_path).name, model_file=f"{stat.st_size}:{stat.st_mtime_ns}", dtype=dtype,
             runner=runner.kind.value, loop=runner.loop.value, quantize=quantize, topk=topk,
-            cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+            cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, kernel=runner.kernel,
         )  # fmt: skip
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["kernel"] is None:
+            del data["kernel"]  # unquantised keys stay as they were before kernels were named
+        return data
 
     @property
     def path(self) -> Path:

@@ -24,9 +24,12 @@ def check_runner_options(kind: str, quantize: str | None, dtype: str, max_slots:
         raise InvalidOptionError(f"quantize={quantize} needs bfloat16 activations, not {dtype}")
 
 
-def make_runner(model, kind: str = "auto", quantize: str | None = None, max_slots: int = DEFAULT_SLOTS) -> ModelRunner:
+def make_runner(
+    model, kind: str = "auto", quantize: str | None = None, max_slots: int = DEFAULT_SLOTS, gguf=None
+) -> ModelRunner:
     """`fast` for the families it supports, `hf` (transformers' own forward) for the rest; `auto`
-    picks fast where it can. Quantised weights exist only on the fast runner."""
+    picks fast where it can. Quantised weights exist only on the fast runner; gguf: the file the
+    model came from, for quantize="gguf"."""
     check_runner_options(kind, quantize, str(model.dtype).removeprefix("torch."), max_slots)
     reason = fast_unsupported_reason(model.config)
     if quantize is not None and reason is not None:
@@ -34,7 +37,7 @@ def make_runner(model, kind: str = "auto", quantize: str | None = None, max_slot
     if kind == "hf":
         return HFRunner(model, max_slots)
     if reason is None:
-        return FastRunner(model, quantize, max_slots=max_slots)
+        return FastRunner(model, quantize, max_slots=max_slots, gguf=gguf)
     if kind == "fast":
         raise UnsupportedModelError(f"the fast runner cannot run this model: {reason}")
     return HFRunner(model, max_slots)

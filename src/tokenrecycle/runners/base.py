@@ -43,6 +43,7 @@ class ModelRunner(ABC):
     kind: RunnerKind
     loop: Loop
     loop_note: str | None = None  # why the loop is not the fastest one (a failed C++ build, ...)
+    kernel: str | None = None  # the quantised weights' matrix kernel: its cost curve is the runner's
     batches: bool = False  # whether forward_batch runs several slots in one pass (else one after another)
 
     def __init__(self, max_slots: int = DEFAULT_SLOTS):

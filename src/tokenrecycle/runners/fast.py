@@ -10,8 +10,10 @@ extension builds (native.py), else as the Python loop below: the same operations
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -24,7 +26,7 @@ from ..trees import DraftTree, chain_tree, tree_visibility
 from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind, additive_mask
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
-from .linear import LINEARS, Linear, check_quantize, fuse
+from .linear import Linear, check_quantize, head_linear, make_linear, quant_kernel
 from .native import ACTIVATIONS, native_module, native_wanted
 
 # Families whose decoder layer is: [norm] attention [norm] + residual, [norm] MLP [norm] + residual,
@@ -95,26 +97,24 @@ class Layer:
     rope: str  # which rotary table
 
 
-def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool, linear=Linear) -> Layer:
+def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool, linear=make_linear) -> Layer:
+    """`linear`: one layer from the projections that read the same input (linear.make_linear)."""
     attn, mlp = module.self_attn, module.mlp
 
     def norm(name: str, owner: torch.nn.Module = module) -> RMSNorm | None:
         sub = getattr(owner, name, None)
         return RMSNorm(sub, gemma) if sub is not None else None
 
-    def weights(*linears: torch.nn.Linear) -> tuple[list, list]:
-        return [m.weight.detach() for m in linears], [None if m.bias is None else m.bias.detach() for m in linears]
-
     return Layer(
         attn_norm=norm("input_layernorm"),
-        qkv=linear(*fuse(*weights(attn.q_proj, attn.k_proj, attn.v_proj))),
+        qkv=linear([attn.q_proj, attn.k_proj, attn.v_proj]),
         q_norm=norm("q_norm", attn),
         k_norm=norm("k_norm", attn),
-        out=linear(*fuse(*weights(attn.o_proj))),
+        out=linear([attn.o_proj]),
         post_attn_norm=norm("post_attention_layernorm") if gemma else None,
         mlp_norm=norm("pre_feedforward_layernorm" if gemma else "post_attention_layernorm"),
-        gate_up=linear(*fuse(*weights(mlp.gate_proj, mlp.up_proj))),
-        down=linear(*fuse(*weights(mlp.down_proj))),
+        gate_up=linear([mlp.gate_proj, mlp.up_proj]),
+        down=linear([mlp.down_proj]),
         post_mlp_norm=norm("post_feedforward_layernorm") if gemma else None,
         window=window,
         rope=rope,
@@ -134,11 +134,13 @@ class FastRunner(ModelRunner):
         layers: int | None = None,
         native: bool | None = None,
         max_slots: int = DEFAULT_SLOTS,
+        gguf: Path | None = None,
     ):
         """`layers`: run only the first N decoder layers, then the final norm and the LM head (an
         early-exit copy of the model that shares its weights: a draft model for free).
         `native`: run the layers as one C++ call (None: where it builds, unless TOKENRECYCLE_NATIVE=0;
-        False: the Python loop). `max_slots`: sequences held at once, one KV cache each."""
+        False: the Python loop). `max_slots`: sequences held at once, one KV cache each.
+        `gguf`: the file the model was loaded from, for quantize="gguf" (its own quantised weights)."""
         super().__init__(max_slots)
         config = model.config
         reason = fast_unsupported_reason(config)
@@ -161,16 +163,19 @@ class FastRunner(ModelRunner):
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if layers is not None and not 1 <= layers <= len(decoder.layers):
             raise InvalidOptionError(f"an early exit needs 1 to {len(decoder.layers)} layers, got {layers}")
+        stored = _stored_weights(model, gguf) if quantize == "gguf" else {}
+        linear = functools.partial(make_linear, quantize=quantize, gguf=stored)
         self._layers = [
-            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, LINEARS[quantize])
+            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, linear)
             for i, layer in enumerate(decoder.layers[:layers])
         ]
+        self.kernel = quant_kernel(quantize) if quantize else None
         self._windows = sorted({layer.window for layer in self._layers}, key=lambda w: -1 if w is None else w)
         self._rope_keys = sorted({layer.rope for layer in self._layers})
         self._rope_takes_layer_type = "layer_type" in inspect.signature(self._rotary.forward).parameters
         self._norm = RMSNorm(decoder.norm, gemma)
-        # Never quantised: torch's int8 weight-only kernel was no faster than this prepacked bf16 one.
-        self._lm_head = Linear(model.get_output_embeddings().weight.detach())
+        head = model.get_output_embeddings().weight
+        self._lm_head = head_linear(head.detach(), quantize, stored.get(id(head)))
         self._softcap = getattr(config, "final_logit_softcapping", None)
         # On CPU, attention runs in float32 whatever the weights: its bf16 kernels are several times
         # slower here, and the keys and values are cached exactly (a bf16 value widens losslessly).
@@ -346,6 +351,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     """Rotary embedding as transformers applies it, x * cos + rotate_half(x) * sin, with the sign of
     rotate_half folded into the sine table so the rotation is a single roll (bit-identical)."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def _stored_weights(model: PreTrainedModel, gguf: Path | None) -> dict:
+    """{id of a weight: its QuantWeight as the GGUF stores it} for quantize="gguf"."""
+    from .gguf_weights import read_gguf_weights
+
+    if gguf is None:
+        raise InvalidOptionError("quantize=gguf needs the GGUF file the model was loaded from")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {id(params[name]): weight for name, weight in read_gguf_weights(gguf, model).items()}
 
 
 def _window(config, index: int) -> int | None:

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidOptionError
-from .native import INT4, PLAIN, PREPACKED
+from . import quant
+from .native import INT4, PLAIN, PREPACKED, QUANT, native_module
 
 INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
+# 1: --quantize int4 on the C++ kernel (and an 8-bit head). Off by default: on the 2-core AMX machine
+# it is flatter with rows but slower for one row than torch's int4 kernel, and plain int4 decoding
+# ran at 46 against 78 tokens/s (scripts/bench_int4_runners.py). --quantize gguf always uses it.
+QMATMUL_SWITCH = "TOKENRECYCLE_QMATMUL"
+
+
+def int4_on_kernel() -> bool:
+    return os.environ.get(QMATMUL_SWITCH, "0") == "1" and not isinstance(native_module(), str)
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -46,19 +57,54 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
     def native_parts(self) -> tuple:
-        """(weight, bias, int4 scales, kind) for the C++ decoder loop (native.py)."""
+        """(weight, bias, scales, minimums, outputs, kind) for the C++ decoder loop (native.py)."""
         if self._packed is not None:
-            return self._packed, self.bias, None, PREPACKED
-        return self.weight, self.bias, None, PLAIN
+            return self._packed, self.bias, None, None, 0, PREPACKED
+        return self.weight, self.bias, None, None, 0, PLAIN
 
 
-class Int4Linear:
-    """Weight-only 4-bit: each group of 32 inputs of a row has a bfloat16 scale and zero, and
-    w = (q - 8) * scale + zero with q in 0..15 (min-max rounding). Activations stay bfloat16.
+class QuantLinear:
+    """Weight-only 4 or 8 bits in the C++ extension's kernel (quant.py's groups of 32 with a float32
+    scale and minimum), for the few rows of a step: each group is unpacked once per call and applied
+    to every row, so a 16-row tree costs little more than one row. Activations stay bfloat16."""
+
+    def __init__(self, weight: quant.QuantWeight, bias: torch.Tensor | None, module):
+        self.weight, self.bias, self._module = weight, bias, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return self._module.qlinear(x, w.packed, w.scales, w.mins, w.n, w.bits, self.bias)
+
+    def native_parts(self) -> tuple:
+        w = self.weight
+        return w.packed, self.bias, w.scales, w.mins if w.bits == 4 else None, w.n, QUANT
+
+
+def quant_kernel(quantize: str) -> str:
+    """The matrix kernel of a quantised runner: the C++ one's variant, or torch's int4 kernel."""
+    module = native_module()
+    if isinstance(module, str):
+        return "torch-int4" if quantize == "int4" else "onednn-bf16"
+    return f"qmatmul-{module.qkernel_name()}" if quantize == "gguf" or int4_on_kernel() else "torch-int4"
+
+
+def int4_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Weight-only 4-bit, min-max per group of 32 inputs: w = q * scale + min, q in 0..15.
 
     This defines a model of its own: its outputs are compared with plain decoding of the same
-    quantised weights, not with the unquantised model.
-    """
+    quantised weights, not with the unquantised model. torch's int4 kernel (bf16 scales), or the
+    C++ kernel where TOKENRECYCLE_QMATMUL=1 and the extension builds."""
+    check_int4(weight)
+    if not int4_on_kernel():
+        return TorchInt4Linear(weight, bias)
+    return QuantLinear(quant.quantize4(weight), bias, native_module())
+
+
+class TorchInt4Linear:
+    """torch's CPU int4 kernel: each group of 32 inputs of a row has a bfloat16 scale and zero,
+    w = (q - 8) * scale + zero with q in 0..15 (min-max rounding). The fallback where the C++
+    extension does not build, and the reference the kernel is tested against; its cost grows with
+    every row (8 rows cost about 2x one)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         check_int4(weight)
@@ -77,17 +123,38 @@ class Int4Linear:
         return y if self.bias is None else y + self.bias
 
     def native_parts(self) -> tuple:
-        return self._packed, self.bias, self._scales_zeros, INT4
+        return self._packed, self.bias, self._scales_zeros, None, 0, INT4
 
 
 def check_int4(weight: torch.Tensor) -> None:
+    """Both 4-bit formats (the kernel's and torch's) need bf16 weights on the CPU, groups of 32."""
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         raise InvalidOptionError("int4 weights need a bfloat16 model on the CPU (use --dtype bfloat16)")
     if weight.shape[1] % INT4_GROUP:
         raise InvalidOptionError(f"int4 weights need input sizes divisible by {INT4_GROUP}, got {weight.shape[1]}")
 
 
-LINEARS = {None: Linear, "int4": Int4Linear}
+LINEARS = {None: Linear, "int4": int4_linear, "gguf": None}  # gguf: the file's own weights (make_linear)
+
+
+def make_linear(modules: list[torch.nn.Linear], quantize: str | None, gguf: dict | None = None):
+    """One layer over projections that read the same input, in the weight format asked for; gguf:
+    {parameter: QuantWeight} read from the model's file (gguf_weights.py), keyed by id of the weight."""
+    weight, bias = fuse([m.weight.detach() for m in modules], [None if m.bias is None else m.bias.detach() for m in modules])
+    if quantize != "gguf":
+        return LINEARS[quantize](weight, bias)
+    module = native_module()
+    if isinstance(module, str):  # no kernel: the same weights, dequantised by transformers, in bf16
+        return Linear(weight, bias)
+    return QuantLinear(quant.concat([gguf[id(m.weight)] for m in modules]), bias, module)
+
+
+def head_linear(weight: torch.Tensor, quantize: str | None, gguf: quant.QuantWeight | None = None):
+    """The LM head: the GGUF's own (gguf), 8 bits per group of 32 (int4 on the C++ kernel), else bf16."""
+    module = native_module()
+    if isinstance(module, str) or quantize is None or (quantize == "int4" and not int4_on_kernel()):
+        return Linear(weight)
+    return QuantLinear(gguf if quantize == "gguf" else quant.quantize8(weight), None, module)
 
 
 def check_quantize(quantize: str | None) -> None:

@@ -13,11 +13,13 @@ import hashlib
 import os
 from pathlib import Path
 
-SOURCE = Path(__file__).parent / "csrc" / "decoder.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "decoder.cpp"
+SOURCES = (SOURCE, CSRC / "qmatmul.cpp")  # compiled; the digest covers every file in csrc
 SWITCH = "TOKENRECYCLE_NATIVE"  # 0: always the Python loop
 
 # Linear kinds and activations as decoder.cpp numbers them.
-PLAIN, PREPACKED, INT4 = 0, 1, 2
+PLAIN, PREPACKED, INT4, QUANT = 0, 1, 2, 3
 ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 
 
@@ -26,7 +28,10 @@ def module_name() -> str:
     """The build's name carries a digest of its source: checkouts of other versions on the same
     machine (a second clone, a worktree, a replica's copy) each get their own build in torch's
     cache instead of loading, or rebuilding over, one another's."""
-    return f"tokenrecycle_decoder_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"tokenrecycle_decoder_{digest.hexdigest()[:12]}"
 
 
 def native_wanted() -> bool:
@@ -54,7 +59,7 @@ def native_module():
 
         put_ninja_on_path()
 
-        return load(module_name(), [str(SOURCE)], extra_cflags=["-O2"], verbose=False)
+        return load(module_name(), [str(path) for path in SOURCES], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python loop computes the same
         lines = str(exc).strip().splitlines()
         return f"the C++ loop could not be built ({type(exc).__name__}: {lines[0] if lines else ''})"

@@ -21,7 +21,7 @@ TUNED = (AUTO, ADAPTIVE)  # trees that come from the tuning profile
 # Chosen by measured sweeps on MT-Bench prompts (2-core AVX-512-BF16 CPU): each extra tree token
 # costs more in float32 than in bfloat16, so the float32 tree is smaller, and int4 matrix kernels
 # cost almost one token's time per extra row, so int4 gets the smallest. Other machines differ.
-DEFAULT_TREE = {"float32": "tr4", "bfloat16": "tr8", "int4": "tr2"}
+DEFAULT_TREE = {"float32": "tr4", "bfloat16": "tr8", "int4": "tr2", "gguf": "tr2"}
 
 
 def default_tree(dtype: str, quantize: str | None) -> str:

@@ -5,16 +5,20 @@
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "qmatmul.h"
+
 namespace {
 
-enum LinearKind : int64_t { kPlain = 0, kPrepacked = 1, kInt4 = 2 };
+enum LinearKind : int64_t { kPlain = 0, kPrepacked = 1, kInt4 = 2, kQuant = 3 };
 enum Activation : int64_t { kSilu = 0, kGeluTanh = 1 };
 constexpr int64_t kInt4Group = 32;  // linear.py's INT4_GROUP
 
 struct Linear {
-  at::Tensor weight;                  // plain, oneDNN-prepacked or int4-packed
+  at::Tensor weight;                  // plain, oneDNN-prepacked, int4-packed or quant.py-packed
   std::optional<at::Tensor> bias;
-  std::optional<at::Tensor> scales;  // int4: scales and zeros
+  std::optional<at::Tensor> scales;  // int4: scales and zeros; quant: scales
+  std::optional<at::Tensor> mins;    // quant: minimums (4 bits)
+  int64_t outputs;                   // quant: output features
   int64_t kind;
 
   at::Tensor operator()(const at::Tensor& x) const {
@@ -24,6 +28,10 @@ struct Linear {
                               c10::List<std::optional<at::Scalar>>(), c10::IValue()};
       op.callBoxed(&stack);
       return stack[0].toTensor();
+    }
+    if (kind == kQuant) {
+      return qmatmul::linear(x, weight, *scales, mins.has_value() ? *mins : at::Tensor(), outputs, weight.size(2) / 64,
+                             bias, qmatmul::kAuto);
     }
     if (kind == kInt4) {
       auto y = at::_weight_int4pack_mm_for_cpu(x, weight, kInt4Group, *scales);
@@ -60,18 +68,18 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 
 class Decoder {
  public:
-  // Per layer, in order: 4 linears (qkv, out, gate_up, down), each as weight, bias, int4 scales and
-  // kind; 6 norms (attention, q, k, post-attention, MLP, post-MLP) as weight (None where absent)
+  // Per layer, in order: 4 linears (qkv, out, gate_up, down), each as weight, bias, scales, minimums,
+  // output count and kind (linear.py's native_parts); 6 norms (attention, q, k, post-attention, MLP, post-MLP) as weight (None where absent)
   // and epsilon; the layer's mask and rotary-table indices.
   Decoder(std::vector<at::Tensor> weights, std::vector<std::optional<at::Tensor>> biases,
-          std::vector<std::optional<at::Tensor>> scales, std::vector<int64_t> kinds,
-          std::vector<std::optional<at::Tensor>> norms, std::vector<double> norm_eps, std::vector<int64_t> masks,
+          std::vector<std::optional<at::Tensor>> scales, std::vector<std::optional<at::Tensor>> mins,
+          std::vector<int64_t> outputs, std::vector<int64_t> kinds, std::vector<std::optional<at::Tensor>> norms, std::vector<double> norm_eps, std::vector<int64_t> masks,
           std::vector<int64_t> ropes, bool gemma, int64_t heads, int64_t kv_heads, int64_t head_dim, double scale,
           int64_t activation)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scale_(scale), activation_(activation) {
     TORCH_CHECK(weights.size() == 4 * masks.size() && norms.size() == 6 * masks.size() && norm_eps.size() == norms.size(),
                 "inconsistent layer lists");
-    auto linear = [&](size_t i) { return Linear{weights[i], biases[i], scales[i], kinds[i]}; };
+    auto linear = [&](size_t i) { return Linear{weights[i], biases[i], scales[i], mins[i], outputs[i], kinds[i]}; };
     auto norm = [&](size_t i) { return Norm{norms[i], gemma, norm_eps[i]}; };
     for (size_t l = 0; l < masks.size(); ++l) {
       layers_.push_back(Layer{norm(6 * l), norm(6 * l + 1), norm(6 * l + 2), norm(6 * l + 3), norm(6 * l + 4),
@@ -160,8 +168,15 @@ class Decoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Decoder>(m, "Decoder")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::optional<at::Tensor>>,
-                          std::vector<std::optional<at::Tensor>>, std::vector<int64_t>,
-                          std::vector<std::optional<at::Tensor>>, std::vector<double>, std::vector<int64_t>,
+                          std::vector<std::optional<at::Tensor>>, std::vector<std::optional<at::Tensor>>,
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<std::optional<at::Tensor>>,
+                          std::vector<double>, std::vector<int64_t>,
                           std::vector<int64_t>, bool, int64_t, int64_t, int64_t, double, int64_t>())
       .def("forward", &Decoder::forward);
+  // The quantised matrix kernel on its own, for linear.py's Python loop and the tests.
+  m.def("qlinear", &qmatmul::linear, "y = x @ W.T + bias for quant.py-packed W", pybind11::arg("x"),
+        pybind11::arg("packed"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("n"),
+        pybind11::arg("bits"), pybind11::arg("bias"), pybind11::arg("kernel") = 0);
+  m.def("qkernel_name", &qmatmul::kernel_name, pybind11::arg("kernel") = 0);
+  m.def("qkernels", &qmatmul::available_kernels);
 }
