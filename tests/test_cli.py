@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -289,11 +290,13 @@ def test_native_module_built_reads_the_extension_cache(tmp_path, monkeypatch):
 
 
 def test_the_native_build_is_named_by_its_source(tmp_path, monkeypatch):
-    """Another version's source (a second clone, a worktree) gets a build of its own."""
-    edited = tmp_path / "decoder.cpp"
-    edited.write_bytes(SOURCE.read_bytes() + b"\n// edited\n")
+    """Another version's sources (a second clone, a worktree) get a build of their own: an edit
+    to any file in csrc, a header included, changes the name."""
+    edited = shutil.copytree(SOURCE.parent, tmp_path / "csrc")
+    header = next(edited.glob("*.h"))
+    header.write_bytes(header.read_bytes() + b"\n// edited\n")
     ours = module_name()
-    monkeypatch.setattr("tokenrecycle.runners.native.SOURCE", edited)
+    monkeypatch.setattr("tokenrecycle.runners.native.CSRC", edited)
     module_name.cache_clear()
     try:
         assert module_name() != ours and module_name().startswith("tokenrecycle_decoder_")
