@@ -134,6 +134,7 @@ class Settings(JsonObject):
     questions: int
     turns: int
     categories: tuple[str, ...]
+    device: str | None = None  # where the models ran (cpu, cuda:0); None in files from before devices
 
 
 @dataclass
