@@ -76,8 +76,10 @@ class KVCache:
 
     def _allocate(self, capacity: int, keep: int) -> None:
         shape = (*self._shape[:2], capacity, self._shape[3])
-        keys = torch.empty(shape, dtype=self._dtype, device=self._device)
-        values = torch.empty(shape, dtype=self._dtype, device=self._device)
+        # Zeros, not empty memory: a fixed step attends over every slot (masked), and masked
+        # garbage can be NaN, which a mask does not cancel.
+        keys = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        values = torch.zeros(shape, dtype=self._dtype, device=self._device)
         keys[:, :, :keep] = self.keys[:, :, :keep]
         values[:, :, :keep] = self.values[:, :, :keep]
         self.keys, self.values = keys, values
