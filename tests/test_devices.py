@@ -105,3 +105,32 @@ def test_fixed_visibility_is_tree_visibility_over_the_whole_cache(seed, n, start
     assert not visible[:n, start + n :].any()  # no real node sees a pad or an unused slot
     pads = np.arange(n, size)
     assert visible[pads, start + pads].all()  # a pad sees itself: no empty softmax row
+
+
+# ---- on a GPU (marked cuda: skipped here, run by scripts/gpu_check.sh) -----------------------------
+@pytest.mark.cuda
+def test_the_fast_runner_replays_cuda_graphs():
+    """On CUDA the fast runner's steps are graph replays (one capture per slot and size), equal to
+    the same fixed steps run eagerly, and the CPU-only parts are off."""
+    from tokenrecycle.runners import Loop
+    from tokenrecycle.trees import chain_tree
+
+    model = build(tiny_configs()["qwen2"]).to("cuda")  # sliding and full layers, biases
+    graphs, eager = FastRunner(model, max_slots=1), FastRunner(model, graphs=False, max_slots=1)
+    assert graphs.loop is Loop.CUDA_GRAPHS and graphs.loop_note is None and eager.loop is Loop.PYTHON
+    with pytest.raises(InvalidOptionError, match="the C++ loop runs on the CPU"):
+        FastRunner(model, native=True)
+    rng = np.random.default_rng(0)
+    for runner in (graphs, eager):
+        runner.allocate()
+        runner.prefill(0, np.arange(20) % 256)
+    for n in (1, 5, 7, 1, 30, 5):  # sizes 1, 8, 8, 1, 32, 8: three graphs
+        tree = random_tree(rng, n)
+        a, b = graphs.forward_tree(0, tree), eager.forward_tree(0, tree)
+        assert a.device.type == "cuda" and (a - b).abs().max().item() < 1e-5, n
+        path = tree.path_to(int(rng.integers(0, n)))
+        graphs.commit(0, path)
+        eager.commit(0, path)
+    assert graphs._graphs.captures == 3
+    chunk = chain_tree(np.arange(40) % 256)  # a prompt chunk runs as a fixed step too
+    assert (graphs.forward_tree(0, chunk) - eager.forward_tree(0, chunk)).abs().max().item() < 1e-5

@@ -29,7 +29,9 @@ from transformers import PreTrainedModel
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..trees import DraftTree, chain_tree, tree_visibility
 from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind, additive_mask
-from .fixed_step import STEP_SIZES, StagedInputs, StepGraphs, fixed_bias, fixed_visibility, input_length, pack_step, step_size, unpack_step
+from .fixed_step import (
+    STEP_SIZES, StagedInputs, StepGraphs, fixed_bias, fixed_visibility, graphs_wanted, input_length, pack_step, step_size, unpack_step,
+)  # fmt: skip
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
 from .linear import LINEARS, Linear, check_quantize, fuse
@@ -222,9 +224,11 @@ class FastRunner(ModelRunner):
     def begin(self, slot: int, tokens: int) -> None:
         self._check_slot(slot)
         capacity = min(tokens, self.max_context) + TREE_SLOTS
-        # Fixed steps attend over the whole cache, and each new cache size means new graphs:
-        # powers of two keep both few.
-        self._caches[slot].reset(1 << (capacity - 1).bit_length() if self._fixed else capacity)
+        if self._fixed:
+            # Fixed steps attend over the whole cache, and each new cache size means new graphs:
+            # powers of two keep both few (up to the context window, in whole blocks of 256).
+            capacity = min(1 << (capacity - 1).bit_length(), -(-(self.max_context + TREE_SLOTS) // 256) * 256)
+        self._caches[slot].reset(capacity)
 
     @torch.inference_mode()
     def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
@@ -341,8 +345,19 @@ class FastRunner(ModelRunner):
             logits = step()
         else:  # a graph replays on the memory it was captured with: these tensors must be the same
             signature = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.capacity, self._rope_length)
-            logits = self._graphs.run((slot, size), signature, step)
+            try:
+                logits = self._graphs.run((slot, size), signature, step)
+            except RuntimeError as exc:  # a capture this torch refuses: the same step, eagerly
+                self._graphs_off(exc)
+                logits = step()
         return logits[: len(tree)].clone()  # a graph's output is overwritten by its next replay
+
+    def _graphs_off(self, error: Exception) -> None:
+        """Run fixed steps eagerly from now on, and say why in the loop's note (the stats line,
+        describe(), the bench report)."""
+        lines = str(error).strip().splitlines()
+        self._graphs, self.loop = None, Loop.PYTHON
+        self.loop_note = f"CUDA graphs off: a capture failed ({type(error).__name__}: {lines[0] if lines else ''})"
 
     def _run_fixed(self, cache: KVCache, size: int) -> torch.Tensor:
         """Every shape fixed by (cache capacity, size), every input read from the device buffer:
@@ -434,7 +449,7 @@ def _step_modes(device: torch.device, fixed_steps: bool | None, graphs: bool | N
     if graphs and fixed_steps is False:
         raise InvalidOptionError("CUDA graphs replay fixed steps: graphs=True needs fixed_steps")
     fixed = cuda if fixed_steps is None else fixed_steps
-    use_graphs = fixed and (cuda if graphs is None else graphs)
+    use_graphs = fixed and (cuda and graphs_wanted() if graphs is None else graphs)
     return fixed, StepGraphs(device) if use_graphs else None
 
 

@@ -14,6 +14,7 @@ there); capturing it into a graph is the only CUDA-specific part (StepGraphs).
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -23,6 +24,13 @@ import torch
 
 from ..devices import host_buffer
 from ..trees import DraftTree
+
+GRAPHS_SWITCH = "TOKENRECYCLE_CUDA_GRAPHS"  # 0: fixed steps run eagerly on a GPU too
+
+
+def graphs_wanted() -> bool:
+    return os.environ.get(GRAPHS_SWITCH, "1") != "0"
+
 
 # Padded tree sizes, one graph each per slot: every size the tuner measures (1..128), and a few
 # between where trees often fall (tr48, tr80), so padding wastes little.
