@@ -1,4 +1,7 @@
-"""Exactness on the real default model, float32: every template equals model.generate token for token."""
+"""Exactness on the real default model, float32: every template equals model.generate token for token.
+
+The main checks run on every device there is (marked cuda: on a GPU, through the fast runner's
+CUDA graphs, against model.generate on the same GPU; skipped here)."""
 
 import pytest
 
@@ -50,11 +53,45 @@ PROMPTS = [
 ]
 
 MAX_NEW = 32
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(scope="module")
-def baselines(smollm2):
-    return generate_baselines(smollm2, PROMPTS, MAX_NEW)
+def on_device(request):
+    """The model in float32 on a device and runner, loaded once (the CPU ones are the session's,
+    asked for only when a CPU test runs)."""
+    from tokenrecycle import Generator
+
+    generators = {}
+
+    def get(device: str, runner: str = "fast"):
+        if (device, runner) not in generators:
+            if device == "cpu":
+                generators[device, runner] = request.getfixturevalue("smollm2" if runner == "fast" else "smollm2_hf")
+            else:
+                generators[device, runner] = Generator("smollm2", dtype="float32", runner=runner, device=device)
+        return generators[device, runner]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def device_baselines(on_device):
+    """model.generate's greedy tokens for every prompt, on each device."""
+    found = {}
+
+    def get(device: str):
+        if device not in found:
+            reference = on_device(device)
+            found[device] = generate_baselines(reference, PROMPTS, MAX_NEW)
+        return found[device]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def baselines(device_baselines):
+    return device_baselines("cpu")
 
 
 # All 32 prompts for the float32 default tree; every other prompt (16, from every group above) for
@@ -64,7 +101,9 @@ FULL_CHECK = {"tr4"}
 
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES) + ["dyn16"])
-def test_every_template_matches_plain_greedy(smollm2, baselines, template):
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_template_matches_plain_greedy(on_device, device_baselines, device, template):
+    smollm2, baselines = on_device(device), device_baselines(device)
     smollm2.set_tree(template)
     mismatches = []
     accepted = []
@@ -78,15 +117,19 @@ def test_every_template_matches_plain_greedy(smollm2, baselines, template):
         assert max(accepted) > 1.5  # drafts really were accepted, not just verified
 
 
-def test_plain_decoding_on_the_fast_runner_matches_generate(smollm2, baselines):
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_decoding_on_the_fast_runner_matches_generate(on_device, device_baselines, device):
     """One token per step on the fast runner is exactly transformers' greedy decoding: the prompts
     the empty tree (`none`, above) does not run, so the two no-draft paths cover all 32."""
+    smollm2, baselines = on_device(device), device_baselines(device)
     mismatches = [p for p in PROMPTS[1::2] if smollm2.generate(p, max_new_tokens=MAX_NEW, drafter="plain").token_ids != baselines[p]]
     assert not mismatches, f"plain decoding on the fast runner differs from model.generate on {mismatches}"
 
 
 @pytest.mark.parametrize("template", ["tr8", "tr80"])
-def test_transformers_runner_matches_generate(smollm2_hf, baselines, template):
+@pytest.mark.parametrize("device", DEVICES)
+def test_transformers_runner_matches_generate(on_device, device_baselines, device, template):
+    smollm2_hf, baselines = on_device(device, "hf"), device_baselines(device)
     smollm2_hf.set_tree(template)
     for prompt in PROMPTS[::4]:
         assert smollm2_hf.generate(prompt, max_new_tokens=MAX_NEW).token_ids == baselines[prompt], prompt
@@ -109,6 +152,21 @@ def test_both_runners_give_the_same_tree_logits(smollm2, smollm2_hf):
             ("tree", smollm2_hf.runner.forward_tree(hf, tree), smollm2.runner.forward_tree(fast, tree)),
         ]:
             assert (expected - actual).abs().max().item() < 1e-3, name
+
+
+def test_fixed_steps_on_the_cpu_match_generate(smollm2, baselines):
+    """The fast runner's fixed-shape steps (what a GPU replays as CUDA graphs), run eagerly on the
+    CPU through the same code: Token Recycling with tr16 still gives model.generate's tokens."""
+    from fakes import decode_alone
+    from tokenrecycle.runners import FastRunner
+
+    runner = FastRunner(smollm2.engine.loaded.model, fixed_steps=True, max_slots=1)
+    drafter = smollm2.engine.recycling_drafter("tr16")
+    for prompt in PROMPTS[8:10]:
+        steps = list(decode_alone(runner, drafter, smollm2.encode(prompt), MAX_NEW))
+        tokens = [token for step in steps for token in step.tokens]
+        assert tokens[: len(baselines[prompt])] == baselines[prompt], prompt
+        assert len(steps) < len(tokens)  # drafts were accepted: trees of several sizes ran
 
 
 def test_long_generation_with_the_default_tree(smollm2):

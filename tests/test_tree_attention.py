@@ -4,9 +4,15 @@ Every node of a tree must get the logits the model gives at the end of prompt + 
 when run plainly (its own masks, no cache), and after `commit` the cache must behave exactly as if
 the committed tokens had been decoded one by one. The sliding-window families use windows far
 smaller than the prompts, so the windowed masks are what is being tested.
+
+Each runs on every runner the devices have: the transformers runner, the fast runner's eager
+steps, and its fixed-shape steps (what a GPU replays as CUDA graphs) run eagerly on the CPU; on a
+GPU the transformers runner and the fast runner with its graphs too (marked cuda: skipped here).
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -27,9 +33,29 @@ ATOL = 1e-4
 ARCHS = list(tiny_configs())
 
 
-@pytest.fixture(params=[HFRunner, FastRunner], ids=["hf", "fast"])
-def runner_cls(request):
-    return request.param
+RUNNERS = {
+    "hf": (HFRunner, {}),
+    "fast": (FastRunner, {}),
+    "fast-fixed": (FastRunner, {"fixed_steps": True}),  # the GPU's step, eager on the CPU
+}
+CUDA_RUNNERS = {"hf-cuda": (HFRunner, {}), "fast-cuda": (FastRunner, {})}  # the fast one with its CUDA graphs
+
+
+@pytest.fixture(scope="module")
+def on_cuda():
+    """A CUDA copy of each model, made once (the CPU model stays the reference)."""
+    copies = {}
+    return lambda model: copies.setdefault(id(model), copy.deepcopy(model).to("cuda"))
+
+
+@pytest.fixture(params=[*RUNNERS, *(pytest.param(name, marks=pytest.mark.cuda) for name in CUDA_RUNNERS)])
+def runner_cls(request, on_cuda):
+    """A runner factory: model -> runner, on the device the parameter names."""
+    if request.param in RUNNERS:
+        kind, options = RUNNERS[request.param]
+        return lambda model: kind(model, **options)
+    kind, options = CUDA_RUNNERS[request.param]
+    return lambda model: kind(on_cuda(model), **options)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -84,7 +110,7 @@ def reference_node_logits(model, history, tree) -> torch.Tensor:
 
 
 def assert_close(actual, expected, what):
-    err = (actual - expected).abs().max().item()
+    err = (actual.cpu() - expected).abs().max().item()
     assert err <= ATOL, f"{what}: max |diff| {err:.3g} > {ATOL}"
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+from .devices import DEVICES
 from .errors import InvalidOptionError, TokenRecycleError
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES
 from .runners import RUNNERS
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_options(parser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"bundled name ({', '.join(BUNDLED)}), .gguf file or model directory")
-    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the CPU multiplies it fast, else float32")
+    parser.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bfloat16 where the device multiplies it fast, else float32")
+    add_device_option(parser)
     parser.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
     parser.add_argument(
         "--quantize", choices=["int4", "gguf"], default=None,
@@ -66,6 +68,10 @@ def add_model_options(parser) -> None:
         "needs bfloat16 and the fast runner",
     )  # fmt: skip
     parser.add_argument("--topk", type=int, default=8, help="candidates kept per token in the recycling table")
+
+
+def add_device_option(parser) -> None:
+    parser.add_argument("--device", default="auto", help=f"{'|'.join(DEVICES)}: where the model runs (auto: the GPU where torch sees one, else the CPU)")
 
 
 def add_decoding_options(parser) -> None:
@@ -97,6 +103,7 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("--per-category", type=int, default=None, help="the first N questions of each category")
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--dtype", nargs="+", choices=["auto", *sorted(DTYPES)], default=["auto"], help="one report part per dtype")
+    add_device_option(bench)
     bench.add_argument("--methods", type=comma_list, default=None, help=f"comma-separated, from {','.join(BASE_METHODS)}; default {','.join(DEFAULT_METHODS)} (those available)")
     bench.add_argument("--trees", type=comma_list, default=None, help="trees for the Token Recycling methods (comma-separated); default: the runner's default")
     bench.add_argument("--temperatures", type=float_list, default=(0.0,), help="comma-separated; 0 is greedy, others sample (top-k 50): e.g. 0,0.7,1.0")
@@ -334,17 +341,20 @@ def drafting_label(args: argparse.Namespace) -> str:
 
 
 def load_generator(args: argparse.Namespace, tree: str):
+    from .devices import resolve_device
     from .generator import Generator  # imports torch and transformers: not needed for --help
 
-    announce_native_build(args.runner)
-    return Generator(args.model, dtype=args.dtype, runner=args.runner, tree=tree, topk=args.topk, quantize=args.quantize)
+    device = resolve_device(args.device)  # a GPU that is not there fails here, before any loading
+    announce_native_build(args.runner, device)
+    return Generator(args.model, dtype=args.dtype, device=device, runner=args.runner, tree=tree, topk=args.topk, quantize=args.quantize)
 
 
-def announce_native_build(runner: str) -> None:
-    """The fast runner's first load compiles its C++ loop inside torch's builder, silently: say so."""
+def announce_native_build(runner: str, device) -> None:
+    """The fast runner's first load compiles its C++ loop inside torch's builder, silently: say
+    so (on the CPU: a GPU runs no C++ loop)."""
     from .runners.native import native_module_built, native_wanted
 
-    if runner != "hf" and native_wanted() and not native_module_built():
+    if runner != "hf" and device.type == "cpu" and native_wanted() and not native_module_built():
         print("tokenrecycle: building the C++ decoder loop (once, about 30 s)", file=sys.stderr)
 
 
@@ -390,8 +400,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from .server.drafting import Drafting
     from .tables import TableFile
 
+    from .devices import resolve_device
+
     if args.stop:
         raise InvalidOptionError("serve takes stop strings per request (the stop field), not --stop")
+    resolve_device(args.device)  # before the socket opens: a missing GPU is one line, not a failed load
     if args.draft and args.drafter is not None:
         raise InvalidOptionError("--draft (a draft model) and --drafter (train-free drafting) exclude each other")
     settings = ServerSettings(
@@ -453,14 +466,16 @@ def serving_datastore(args: argparse.Namespace):
 def serving_engine(args: argparse.Namespace, tables=None):
     """The server's engine, as generate prepares its generator: tuned on first use, its table
     loaded from `tables` (a TableFile; None: the table starts empty)."""
+    from .devices import resolve_device
     from .generator import Generator
 
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    announce_native_build(args.runner)
-    generator = Generator(args.model, dtype=args.dtype, runner=args.runner, tree=args.tree, topk=args.topk,
+    device = resolve_device(args.device)
+    announce_native_build(args.runner, device)
+    generator = Generator(args.model, dtype=args.dtype, device=device, runner=args.runner, tree=args.tree, topk=args.topk,
                           quantize=args.quantize, max_slots=args.max_slots, max_waiting=args.queue,
                           batching=not args.no_batching, max_batch_tokens=args.max_batch_tokens,
                           prefill_chunk=args.prefill_chunk)  # fmt: skip
@@ -500,6 +515,7 @@ def run_bench(args: argparse.Namespace) -> int:
         question_source=args.questions or "MT-Bench and HumanEval (installed packages)",
         model=args.model,
         dtypes=tuple(args.dtype),
+        device=args.device,
         methods=args.methods,
         trees=args.trees,
         max_new_tokens=args.max_new_tokens,

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
+from .devices import synchronize
 from .runners import ModelRunner
 from .trees import chain_tree
 
@@ -35,8 +36,10 @@ def forward_costs(
         for round_index in range(repeats + 1):
             for n in sizes:
                 for name, runner in runners.items():
+                    synchronize(runner.device)
                     start = time.perf_counter()
                     runner.forward_tree(slot[name], trees[n])
+                    synchronize(runner.device)  # a GPU's pass ends when its kernels do
                     elapsed = time.perf_counter() - start
                     runner.commit(slot[name], np.array([0]))  # keep the root only: the context stays (almost) fixed
                     if round_index > 0:

@@ -45,6 +45,7 @@ from .drafters.draft_model import DraftShape
 from .drafters.recycling import check_topk
 from .drafters.registry import DraftResources, build_drafter, drafter_entry
 from .errors import EngineBusyError, InvalidOptionError, PromptTooLongError
+from .devices import resolve_device
 from .hardware import choose_dtype
 from .models import BUNDLED, DEFAULT_MODEL, LoadedModel, load_model
 from .prompts import Prompt, encode_prompt, eos_token_ids
@@ -71,6 +72,7 @@ class Setup:
     model: str
     dtype: str
     dtype_reason: str
+    device: str
     runner: str
     loop: str
     loop_note: str | None
@@ -98,7 +100,7 @@ class Setup:
     def summary(self) -> str:
         """One line: dtype and why, runner and loop, tree."""
         weights = f" · {self.quantize} weights" if self.quantize else ""
-        return f"{self.dtype} ({self.dtype_reason}){weights} · {self.runner_text()} · tree {self.tree}"
+        return f"{self.dtype} ({self.dtype_reason}){weights} on {self.device} · {self.runner_text()} · tree {self.tree}"
 
 
 class Engine:
@@ -107,6 +109,7 @@ class Engine:
         model: str | LoadedModel = DEFAULT_MODEL,
         *,
         dtype: str = "auto",
+        device: str | torch.device = "auto",
         runner: str = "auto",
         quantize: str | None = None,
         tree: str | Sequence[Sequence[int]] | None = "auto",
@@ -122,7 +125,8 @@ class Engine:
     ):
         # Every option is checked by its owner before the model loads, so a typo fails in milliseconds.
         check_topk(topk)
-        picked = choose_dtype(dtype)
+        self.device = _device_for(model, device)
+        picked = choose_dtype(dtype, self.device)
         check_runner_options(runner, quantize, picked.dtype, max_slots)
         tree = "auto" if tree is None else tree
         asked_tree = None if isinstance(tree, str) and tree in TUNED else resolve_tree(tree, topk)
@@ -134,7 +138,7 @@ class Engine:
         if isinstance(model, LoadedModel) and model.dtype != picked.dtype:
             raise InvalidOptionError(f"the loaded model is {model.dtype}, not {picked.dtype}")
         # A LoadedModel is shared, not copied: several engines (runners, trees) over one model.
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, picked.dtype)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, picked.dtype, self.device)
         self.dtype, self.dtype_reason = picked.dtype, picked.reason
         self.quantize, self.topk, self.shared_table = quantize, topk, shared_table
         gguf = self.loaded.path if quantize == "gguf" else None
@@ -232,7 +236,7 @@ class Engine:
             return FastRunner(self.loaded.model, layers=int(layers), max_slots=slots)
         if draft == "int4":
             return make_runner(self.loaded.model, "fast", quantize="int4", max_slots=slots)
-        loaded = load_model(draft, self.dtype)
+        loaded = load_model(draft, self.dtype, self.device)
         if loaded.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise InvalidOptionError(f"draft model {draft} does not share the target's tokenizer")
         return make_runner(loaded.model, max_slots=slots)
@@ -454,6 +458,7 @@ class Engine:
             model=self.loaded.name if self.loaded.name in BUNDLED else self.loaded.path.name,
             dtype=self.dtype,
             dtype_reason=self.dtype_reason,
+            device=str(self.device),
             runner=self.runner.kind.value,
             loop=self.runner.loop.value,
             loop_note=self.runner.loop_note,
@@ -477,6 +482,17 @@ class Engine:
         if self.batching:
             return f"on: one pass of up to {self.max_batch_tokens} tokens a step, prompts in chunks of {self.prefill_chunk}"
         return "off" if self.runner.batches else f"off: the {self.runner.kind.value} runner runs one request a pass"
+
+
+def _device_for(model: str | LoadedModel, spec: str | torch.device) -> torch.device:
+    """The engine's device: the one asked for (auto: CUDA where there is a GPU); for a model
+    already loaded, its own (auto), or the one asked for, which must be where it is."""
+    if not isinstance(model, LoadedModel):
+        return resolve_device(spec)
+    loaded_on = model.model.device
+    if str(spec) != "auto" and resolve_device(spec) != loaded_on:
+        raise InvalidOptionError(f"the loaded model is on {loaded_on}, not {resolve_device(spec)}")
+    return loaded_on
 
 
 def _batch_tokens(asked: int | None, prefill_chunk: int, max_slots: int) -> int:

@@ -40,11 +40,11 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return _cpuinfo_field("model name", cpuinfo) or "unknown CPU"
 
 
-def auto_dtype(device: str = "cpu", flags: set[str] | None = None) -> DtypeChoice:
+def auto_dtype(device: torch.device = torch.device("cpu"), flags: set[str] | None = None) -> DtypeChoice:
     """bfloat16 where the matrix units multiply it fast, float32 elsewhere."""
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
-            return DtypeChoice("bfloat16", "the GPU supports bfloat16")
+            return DtypeChoice("bfloat16", "the GPU multiplies bfloat16 fast")
         return DtypeChoice("float32", "the GPU has no bfloat16")
     flags = cpu_flags() if flags is None else flags
     found = [flag for flag in BF16_CPU_FLAGS if flag in flags]
@@ -53,8 +53,9 @@ def auto_dtype(device: str = "cpu", flags: set[str] | None = None) -> DtypeChoic
     return DtypeChoice("float32", "the CPU has no bfloat16 matrix instructions (amx_bf16, avx512_bf16)")
 
 
-def machine_info() -> dict:
-    """What a benchmark result depends on: CPU, cores, threads and library versions."""
+def machine_info(device: torch.device = torch.device("cpu")) -> dict:
+    """What a benchmark result depends on: CPU, cores, threads, the GPU if one runs the model,
+    and library versions."""
     import os
     import platform
     from importlib.metadata import PackageNotFoundError, version
@@ -70,18 +71,19 @@ def machine_info() -> dict:
         "cpu_flags": sorted(cpu_flags()),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
     }
 
 
-def choose_dtype(asked: str) -> DtypeChoice:
-    """The dtype for a setting of auto, float32 or bfloat16, with the reason."""
+def choose_dtype(asked: str, device: torch.device = torch.device("cpu")) -> DtypeChoice:
+    """The dtype for a setting of auto, float32 or bfloat16 on a device, with the reason."""
     from .models import DTYPES  # models loads transformers: not needed for the CPU checks above
 
     if asked == "auto":
-        picked = auto_dtype()
+        picked = auto_dtype(device)
         return DtypeChoice(picked.dtype, f"auto: {picked.reason}")
     if asked not in DTYPES:
         raise InvalidOptionError(f"dtype must be auto or one of {', '.join(DTYPES)}, got '{asked}'")

@@ -81,13 +81,17 @@ def resolve(spec: str) -> Path:
     return path
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: torch.device | str = "cpu") -> LoadedModel:
+    """A model on `device` (a resolved torch.device, or a spec for devices.resolve_device)."""
+    from .devices import resolve_device
+
     if dtype not in DTYPES:
         raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    device = resolve_device(device)
     path = resolve(spec)
     hf_logging.disable_progress_bar()  # one line of our own says what is happening instead
     directory = gguf_to_safetensors(path) if path.is_file() else path
-    model = _load_directory(directory, DTYPES[dtype])
+    model = _load_directory(directory, DTYPES[dtype]).to(device)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, path=path, dtype=dtype)
 

@@ -41,11 +41,12 @@ class TokenLogprob:
 def token_logprobs(tokens: Sequence[int], logits, top: int) -> list[TokenLogprob]:
     """Each token's log-probability from the logits row that predicted it, with the `top` best."""
     logp = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+    # Gathered where the logits are, then one transfer each: not one per token (on a GPU, a sync each).
+    rows = torch.arange(len(tokens), device=logp.device)
+    chosen = logp[rows, torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)].tolist()
     best = torch.topk(logp, top, dim=-1) if top else None
-    return [
-        TokenLogprob(int(t), float(logp[i, t]), tuple(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else ())
-        for i, t in enumerate(tokens)
-    ]
+    indices, values = (best.indices.tolist(), best.values.tolist()) if best is not None else ([()] * len(tokens),) * 2
+    return [TokenLogprob(int(t), chosen[i], tuple(zip(indices[i], values[i]))) for i, t in enumerate(tokens)]
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,9 @@ class Draws:
             self.generator.manual_seed(seed)
 
     def draw(self, probs: torch.Tensor) -> int:
-        """An index drawn from a probability vector."""
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        """An index drawn from a probability vector (on any device: the draw itself is made on
+        the CPU, so a seed gives the same sample wherever the model runs)."""
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
 
     def gumbel(self, n: int) -> torch.Tensor:
         """n independent standard Gumbel variables (float64)."""

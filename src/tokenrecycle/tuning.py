@@ -4,7 +4,8 @@
 wide calibration tree over prompts shipped with the package (not the benchmark's) to learn how
 often each rank path is accepted when its parent is, and lets `tree_search.choose_tree` pick the
 tree with the most expected tokens per second. The profile is a JSON file in the cache, keyed by
-everything the choice depends on (model file, dtype, runner, weights, CPU, threads, versions),
+everything the choice depends on (model file, dtype, device, runner, weights, CPU or GPU, threads,
+versions),
 so a change of any of them means a new profile rather than a stale one.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from .cost import forward_costs
 from .decoding import speculative_decode
+from .devices import device_name
 from .hardware import cpu_model
 from .files import atomic_write
 from .models import cache_root
@@ -124,16 +126,19 @@ class ProfileKey:
     cpu: str
     threads: int
     torch: str
+    device: str = "cpu"  # kind and model: "cpu", or "cuda: NVIDIA H200" (a GPU's curve is its own)
     version: int = PROFILE_VERSION
     kernel: str | None = None  # quantised weights: which kernel (each has its own cost curve)
 
     @classmethod
     def of(cls, model_path: Path, runner: ModelRunner, dtype: str, quantize: str | None, topk: int) -> ProfileKey:
         stat = Path(model_path).stat()
+        device = runner.device
         return cls(
             model=Path(model_path).name, model_file=f"{stat.st_size}:{stat.st_mtime_ns}", dtype=dtype,
             runner=runner.kind.value, loop=runner.loop.value, quantize=quantize, topk=topk,
             cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__, kernel=runner.kernel,
+            device="cpu" if device.type == "cpu" else f"{device.type}: {device_name(device)}",
         )  # fmt: skip
 
     def to_json(self) -> dict:
@@ -145,7 +150,8 @@ class ProfileKey:
     @property
     def path(self) -> Path:
         digest = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
-        return cache_root() / "profiles" / f"{Path(self.model).stem}-{self.dtype}-{self.runner}-{digest}.json"
+        kind = self.device.partition(":")[0]
+        return cache_root() / "profiles" / f"{Path(self.model).stem}-{self.dtype}-{kind}-{self.runner}-{digest}.json"
 
 
 def read_profile(key: ProfileKey) -> tuple[Profile | None, str | None]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cost import forward_costs
+from ..devices import resolve_device
 from ..errors import InvalidOptionError, PromptTooLongError, TokenRecycleError
 from ..hardware import machine_info
 from ..models import DEFAULT_MODEL
@@ -56,6 +57,7 @@ class BenchConfig:
     question_source: str = "default"
     model: str = DEFAULT_MODEL
     dtypes: tuple[str, ...] = ("auto",)
+    device: str = "auto"  # every section's model runs there (devices.resolve_device)
     methods: tuple[str, ...] | None = None  # None: the default set, skipping what is unavailable
     trees: tuple[str, ...] | None = None  # None: each runner's default tree
     max_new_tokens: int = 128
@@ -73,6 +75,7 @@ class BenchConfig:
     progress: bool = True
 
     def check(self) -> None:
+        resolve_device(self.device)
         if self.max_new_tokens < 1:
             raise InvalidOptionError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.repeats < 1:
@@ -98,7 +101,7 @@ def run_bench(config: BenchConfig) -> BenchRun:
     Ctrl-C or SIGTERM ends the run early: what was measured is kept, with status "interrupted"."""
     config.check()
     run = resumed_run(config) if config.resume else None
-    run = run or BenchRun("running", now(), Machine(**machine_info()), settings_of(config))
+    run = run or BenchRun("running", now(), Machine(**machine_info(resolve_device(config.device))), settings_of(config))
     progress = BenchProgress(enabled=config.progress)
     try:
         with sigterm_interrupts():
@@ -176,6 +179,7 @@ def settings_of(config: BenchConfig) -> Settings:
         questions=len(config.questions),
         turns=sum(len(q.turns) for q in config.questions),
         categories=tuple(dict.fromkeys(q.category for q in config.questions)),
+        device=str(resolve_device(config.device)),
     )
 
 
@@ -183,7 +187,7 @@ def run_section(config: BenchConfig, dtype: str, run: BenchRun, progress: BenchP
     start = time.perf_counter()
     factory = MethodFactory(
         config.model, dtype, config.draft_model, config.pld_tokens, config.pld_ngram, config.llamacpp_pld_tokens,
-        config.draft, config.datastore,
+        config.draft, config.datastore, resolve_device(config.device),
     )  # fmt: skip
     before = current_rss_bytes()
     engine = factory.engine

@@ -227,8 +227,10 @@ class MethodFactory:
         llamacpp_pld_tokens: int = 3,
         draft: str | None = None,
         datastore: str | None = None,
+        device: torch.device = torch.device("cpu"),
     ):
         self.model_spec = model
+        self.device = device
         self.datastore = datastore
         self.draft = draft  # for sps and rsd; None: an early exit after a quarter of the layers
         self.dtype = dtype
@@ -238,7 +240,7 @@ class MethodFactory:
 
     @cached_property
     def engine(self) -> Engine:
-        return Engine(self.model_spec, dtype=self.dtype)
+        return Engine(self.model_spec, dtype=self.dtype, device=self.device)
 
     @property
     def loaded(self) -> LoadedModel:
@@ -254,7 +256,7 @@ class MethodFactory:
             raise MethodUnavailable("int4 weights need bfloat16 activations")
         if self.engine.runner.kind is not RunnerKind.FAST:
             raise MethodUnavailable("int4 weights need the fast runner, which does not run this model")
-        return Engine(self.model_spec, dtype="bfloat16", quantize="int4")
+        return Engine(self.model_spec, dtype="bfloat16", device=self.device, quantize="int4")
 
     def cost_runners(self, methods: list[Method]) -> dict:
         """The runners behind the methods, for the cost curve: the transformers runner always."""
@@ -350,7 +352,7 @@ class MethodFactory:
     def _hf_assisted(self, v: Variant):
         if not self.draft_model:
             raise MethodUnavailable("needs a draft model that shares the tokenizer (--draft-model)")
-        draft = load_model(self.draft_model, self.engine.dtype)
+        draft = load_model(self.draft_model, self.engine.dtype, self.device)
         shown = portable_path(self.draft_model)
         if draft.tokenizer.get_vocab() != self.loaded.tokenizer.get_vocab():
             raise MethodUnavailable(f"draft model {shown} does not share the target's tokenizer")
@@ -394,6 +396,8 @@ class MethodFactory:
         )  # fmt: skip
 
     def _llama(self, v: Variant, baseline, description, options, settings=None) -> LlamaCppMethod:
+        if self.device.type != "cpu":
+            raise MethodUnavailable(f"llama-cpp-python is built for the CPU here: no row beside a model on {self.device}")
         module = self._llama_cpp_module()
         gguf = resolve(self.model_spec)
         if gguf.suffix != ".gguf":

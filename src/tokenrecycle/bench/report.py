@@ -48,7 +48,7 @@ def header(run: BenchRun) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in machine.versions.items())
     return (
         f"# tokenrecycle bench: {settings.model}{status}\n\n"
-        f"- Machine: {machine.cpu}, {machine.cores} cores, {machine.torch_threads} threads; {versions}\n"
+        f"- Machine: {f'{machine.gpu} (the model ran there), ' if machine.gpu else ''}{machine.cpu}, {machine.cores} cores, {machine.torch_threads} threads; {versions}\n"
         f"- Prompts: {settings.questions} questions ({settings.turns} turns) from {settings.question_source}; "
         f"categories: {', '.join(settings.categories)}\n"
         f"- {decoding_text(settings.temperatures)}, up to {settings.max_new_tokens} new tokens per turn, {settings.repeats} repeat(s), "

@@ -106,6 +106,7 @@ class Machine(JsonObject):
     python: str
     platform: str
     versions: dict[str, str]  # package -> version
+    gpu: str | None = None  # the GPU the model ran on; None: the CPU (and in files from before GPUs)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Settings(JsonObject):
     questions: int
     turns: int
     categories: tuple[str, ...]
+    device: str | None = None  # where the models ran (cpu, cuda:0); None in files from before devices
 
 
 @dataclass
@@ -235,12 +237,20 @@ def decode_dataclass(kind, value, where: str):
     expect(value, (dict,), where)
     hints = field_types(kind)
     names = list(hints)
-    missing, unknown = [n for n in names if n not in value], [k for k in value if k not in hints]
+    missing = [n for n in names if n not in value and n not in optional_fields(kind)]
+    unknown = [k for k in value if k not in hints]
     if missing or unknown:
         raise CorruptResultsError(f"{where}: " + "; ".join(
             [f"missing field '{n}'" for n in missing] + [f"unknown field '{k}'" for k in unknown]
         ))  # fmt: skip
-    return kind(**{n: decode(hints[n], value[n], f"{where}.{n}") for n in names})
+    return kind(**{n: decode(hints[n], value[n], f"{where}.{n}") for n in names if n in value})
+
+
+@functools.cache
+def optional_fields(kind) -> frozenset[str]:
+    """Fields that may be absent: those added later with a default of None (files written before
+    them read as None); every other field must be there."""
+    return frozenset(f.name for f in fields(kind) if f.default is None)
 
 
 @functools.cache

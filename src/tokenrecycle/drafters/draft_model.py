@@ -119,7 +119,7 @@ class DraftModelDrafter(Drafter):
         if q is None:
             scores = child_log_p
         else:
-            raw = child_log_p + self.draws.gumbel(len(support))
+            raw = child_log_p + self.draws.gumbel(len(support)).to(child_log_p.device)
             scores = conditioned_gumbel(raw, perturbed)
         best = torch.topk(scores, min(self.beam, len(support)))
         return [

@@ -25,6 +25,7 @@ class Loop(enum.Enum):
     """How a runner runs its decoder layers."""
 
     CPP = "C++ loop"
+    CUDA_GRAPHS = "CUDA graph per step"
     PYTHON = "Python loop"
     TRANSFORMERS = "transformers forward"
 
@@ -44,6 +45,7 @@ class ModelRunner(ABC):
     loop: Loop
     loop_note: str | None = None  # why the loop is not the fastest one (a failed C++ build, ...)
     kernel: str | None = None  # the quantised weights' matrix kernel: its cost curve is the runner's
+    device: torch.device = torch.device("cpu")  # where the model, its caches and masks live
     batches: bool = False  # whether forward_batch runs several slots in one pass (else one after another)
 
     def __init__(self, max_slots: int = DEFAULT_SLOTS):

@@ -6,13 +6,19 @@ fused q/k/v and gate/up projections with weights prepacked once, the rotary tabl
 the whole cache, tree tokens written straight into their cache slots, and the accepted path
 gathered into place instead of concatenating caches. The layers run as one C++ call where the
 extension builds (native.py), else as the Python loop below: the same operations either way.
+
+On a GPU the runner keeps the same layers and cache, and runs a decode step (one token, or a tree
+of up to 128) as a fixed-shape step replayed as a CUDA graph (fixed_step.py): one launch instead
+of hundreds, where a small model's step is otherwise mostly launch overhead. Prompts and batches
+of several slots take the eager path below, on any device. What is CPU-only (oneDNN prepacking,
+float32 attention, the C++ loop) is chosen by the device, not assumed.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +30,9 @@ from transformers import PreTrainedModel
 from ..errors import InvalidOptionError, UnsupportedModelError
 from ..trees import DraftTree, chain_tree, tree_visibility
 from .base import DEFAULT_SLOTS, Loop, ModelRunner, RunnerKind, additive_mask
+from .fixed_step import (
+    STEP_SIZES, StagedInputs, StepGraphs, fixed_bias, fixed_visibility, graphs_wanted, input_length, pack_step, step_size, unpack_step,
+)  # fmt: skip
 from .hf import MASK_STYLE
 from .kv_cache import KVCache
 from .linear import Linear, check_quantize, head_linear, make_linear, quant_kernel
@@ -135,12 +144,17 @@ class FastRunner(ModelRunner):
         native: bool | None = None,
         max_slots: int = DEFAULT_SLOTS,
         gguf: Path | None = None,
+        fixed_steps: bool | None = None,
+        graphs: bool | None = None,
     ):
         """`layers`: run only the first N decoder layers, then the final norm and the LM head (an
         early-exit copy of the model that shares its weights: a draft model for free).
-        `native`: run the layers as one C++ call (None: where it builds, unless TOKENRECYCLE_NATIVE=0;
-        False: the Python loop). `max_slots`: sequences held at once, one KV cache each.
-        `gguf`: the file the model was loaded from, for quantize="gguf" (its own quantised weights)."""
+        `native`: run the layers as one C++ call on the CPU (None: where it builds, unless
+        TOKENRECYCLE_NATIVE=0; False: the Python loop). `max_slots`: sequences held at once, one
+        KV cache each. `gguf`: the file the model was loaded from, for quantize="gguf" (its own
+        quantised weights). `fixed_steps`: run one slot's steps at fixed shapes (fixed_step.py;
+        None: on a GPU, where graphs need them). `graphs`: replay fixed steps as CUDA graphs
+        (None: on a GPU; False there measures what the graphs save)."""
         super().__init__(max_slots)
         config = model.config
         reason = fast_unsupported_reason(config)
@@ -153,7 +167,7 @@ class FastRunner(ModelRunner):
         self.vocab_size = int(config.vocab_size)
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         self.dtype = model.dtype
-        self._device = model.device
+        self.device = model.device
         self._embed = decoder.embed_tokens
         self._rotary = decoder.rotary_emb
         self._act = decoder.layers[0].mlp.act_fn
@@ -164,7 +178,7 @@ class FastRunner(ModelRunner):
         if layers is not None and not 1 <= layers <= len(decoder.layers):
             raise InvalidOptionError(f"an early exit needs 1 to {len(decoder.layers)} layers, got {layers}")
         stored = _stored_weights(model, gguf) if quantize == "gguf" else {}
-        linear = functools.partial(make_linear, quantize=quantize, gguf=stored)
+        linear = partial(make_linear, quantize=quantize, gguf=stored)
         self._layers = [
             _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, linear)
             for i, layer in enumerate(decoder.layers[:layers])
@@ -179,16 +193,21 @@ class FastRunner(ModelRunner):
         self._softcap = getattr(config, "final_logit_softcapping", None)
         # On CPU, attention runs in float32 whatever the weights: its bf16 kernels are several times
         # slower here, and the keys and values are cached exactly (a bf16 value widens losslessly).
-        self._attention_dtype = torch.float32 if self._device.type == "cpu" else self.dtype
+        # A GPU attends in the model's dtype (SDPA's fused kernels).
+        self._attention_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self._caches = [
-            KVCache(len(self._layers), self._num_kv_heads, self._head_dim, self._attention_dtype, self._device)
+            KVCache(len(self._layers), self._num_kv_heads, self._head_dim, self._attention_dtype, self.device)
             for _ in range(max_slots)
         ]  # empty until a prefill sizes them
         self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_length = 0
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-        self._decoder, self.loop, self.loop_note = None, Loop.PYTHON, None
-        if native is not False and (native or native_wanted()):
+        self._fixed, self._graphs = _step_modes(self.device, fixed_steps, graphs)
+        self._inputs = StagedInputs(input_length(STEP_SIZES[-1]), self.device) if self._fixed else None
+        self._decoder, self.loop, self.loop_note = None, Loop.CUDA_GRAPHS if self._graphs else Loop.PYTHON, None
+        if native and self.device.type != "cpu":
+            raise InvalidOptionError(f"the C++ loop runs on the CPU, not on {self.device}")
+        if native is not False and self.device.type == "cpu" and not self._fixed and (native or native_wanted()):
             self._decoder, self.loop_note = self._native_decoder(ACTIVATIONS.get(activation), gemma)
             self.loop = Loop.PYTHON if self._decoder is None else Loop.CPP
 
@@ -208,7 +227,12 @@ class FastRunner(ModelRunner):
 
     def begin(self, slot: int, tokens: int) -> None:
         self._check_slot(slot)
-        self._caches[slot].reset(min(tokens, self.max_context) + TREE_SLOTS)
+        capacity = min(tokens, self.max_context) + TREE_SLOTS
+        if self._fixed:
+            # Fixed steps attend over the whole cache, and each new cache size means new graphs:
+            # powers of two keep both few (up to the context window, in whole blocks of 256).
+            capacity = min(1 << (capacity - 1).bit_length(), -(-(self.max_context + TREE_SLOTS) // 256) * 256)
+        self._caches[slot].reset(capacity)
 
     @torch.inference_mode()
     def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
@@ -220,6 +244,8 @@ class FastRunner(ModelRunner):
         tree at once, attention runs per slot against that slot's own cache."""
         if len({slot for slot, _ in items}) != len(items):
             raise ValueError("a batch holds each slot at most once")
+        if self._fixed and len(items) == 1 and step_size(len(items[0][1])) is not None:
+            return [self._fixed_step(*items[0])]
         segments = []
         for slot, tree in items:
             self._check_slot(slot)
@@ -237,9 +263,9 @@ class FastRunner(ModelRunner):
     # ---- one forward pass ----------------------------------------------------------------
     def _run(self, segments: list[_Segment]) -> torch.Tensor:
         self._ensure_rope(max(segment.cache.capacity for segment in segments))
-        ids = torch.as_tensor(np.concatenate([segment.tree.tokens for segment in segments]), device=self._device)
+        ids = torch.as_tensor(np.concatenate([segment.tree.tokens for segment in segments]), device=self.device)
         positions = np.concatenate([segment.start + segment.tree.depths for segment in segments])
-        positions = torch.as_tensor(positions, device=self._device)
+        positions = torch.as_tensor(positions, device=self.device)
         rope = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self._rope_tables.items()}
         # masks[s][window]: segment s's first visible slot, additive mask and causal flag
         masks = [{window: self._mask(s.tree, s.start, window) for window in self._windows} for s in segments]
@@ -253,15 +279,21 @@ class FastRunner(ModelRunner):
                 *(list(parts) for parts in zip(*per_mask)),
             )  # fmt: skip
         else:
+            attend = partial(self._attend_segments, segments, masks)
             for index, layer in enumerate(self._layers):
-                x = self._layer(segments, index, layer, x, rope[layer.rope], [m[layer.window] for m in masks])
+                x = self._layer(index, layer, x, rope[layer.rope], attend)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self._lm_head(self._norm(x))
         if self._softcap is not None:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits.float()
 
-    def _layer(self, segments: list[_Segment], index: int, layer: Layer, x: torch.Tensor, rope, masks) -> torch.Tensor:
-        h = self._attention(segments, index, layer, layer.attn_norm(x), rope, masks)
+    def _layer(self, index: int, layer: Layer, x: torch.Tensor, rope, attend) -> torch.Tensor:
+        """One decoder layer; `attend(index, layer, q, k, v)` stores the keys and values and
+        attends (per slot for the eager path, over the whole cache for a fixed step)."""
+        h = self._attention(index, layer, layer.attn_norm(x), rope, attend)
         if layer.post_attn_norm is not None:
             h = layer.post_attn_norm(h)
         x = x + h
@@ -271,7 +303,7 @@ class FastRunner(ModelRunner):
             h = layer.post_mlp_norm(h)
         return x + h
 
-    def _attention(self, segments: list[_Segment], index: int, layer: Layer, x: torch.Tensor, rope, masks) -> torch.Tensor:
+    def _attention(self, index: int, layer: Layer, x: torch.Tensor, rope, attend) -> torch.Tensor:
         n, d = x.shape[0], self._head_dim
         heads, kv_heads = self._num_heads, self._num_kv_heads
         qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, d)
@@ -282,8 +314,13 @@ class FastRunner(ModelRunner):
         else:
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
             q, k = _rotate(layer.q_norm(q), *rope), _rotate(layer.k_norm(k), *rope)
+        return layer.out(attend(index, layer, q, k, v).to(x.dtype))
+
+    def _attend_segments(self, segments: list[_Segment], masks, index: int, layer: Layer, q, k, v) -> torch.Tensor:
+        """Each slot's rows attend to that slot's own cache (its visible range only)."""
         outs, row = [], 0
-        for segment, (first_key, bias, causal) in zip(segments, masks):
+        for segment, by_window in zip(segments, masks):
+            first_key, bias, causal = by_window[layer.window]
             # Each sequence attends to its own cache, on its own rows.
             size, start, cache = len(segment.tree), segment.start, segment.cache
             rows = slice(row, row + size)
@@ -295,8 +332,67 @@ class FastRunner(ModelRunner):
             )
             outs.append(out[0].transpose(0, 1).reshape(size, -1))
             row += size
-        joined = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return layer.out(joined.to(x.dtype))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    # ---- a fixed-shape step: one slot, a tree padded to a STEP_SIZES size -----------------
+    def _fixed_step(self, slot: int, tree: DraftTree) -> torch.Tensor:
+        """The tree's logits from a fixed step: replayed as a CUDA graph where there are graphs,
+        run as it is elsewhere (the same operations)."""
+        self._check_slot(slot)
+        size = step_size(len(tree))
+        cache = self._caches[slot]
+        cache.reserve(cache.length + size)
+        self._ensure_rope(cache.capacity)
+        self._inputs.write(partial(pack_step, tree, cache.length, size))
+        step = partial(self._run_fixed, cache, size)
+        if self._graphs is None:
+            logits = step()
+        else:  # a graph replays on the memory it was captured with: these tensors must be the same
+            signature = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.capacity, self._rope_length)
+            try:
+                logits = self._graphs.run((slot, size), signature, step)
+            except RuntimeError as exc:  # a capture this torch refuses: the same step, eagerly
+                self._graphs_off(exc)
+                logits = step()
+        return logits[: len(tree)].clone()  # a graph's output is overwritten by its next replay
+
+    def _graphs_off(self, error: Exception) -> None:
+        """Run fixed steps eagerly from now on, and say why in the loop's note (the stats line,
+        describe(), the bench report)."""
+        lines = str(error).strip().splitlines()
+        self._graphs, self.loop = None, Loop.PYTHON
+        self.loop_note = f"CUDA graphs off: a capture failed ({type(error).__name__}: {lines[0] if lines else ''})"
+
+    def _run_fixed(self, cache: KVCache, size: int) -> torch.Tensor:
+        """Every shape fixed by (cache capacity, size), every input read from the device buffer:
+        nothing here touches the host, so it can be captured."""
+        tokens, depths, start, ancestors = unpack_step(self._inputs.device_buffer, size)
+        positions = start + depths
+        slots = start + torch.arange(size, device=self.device)
+        rope = {key: (cos[positions][:, None], sin[positions][:, None]) for key, (cos, sin) in self._rope_tables.items()}
+        group = self._num_heads // self._num_kv_heads
+        biases = {
+            window: fixed_bias(fixed_visibility(ancestors, depths, start, cache.capacity, window), self._attention_dtype).repeat(group, 1)
+            for window in self._windows
+        }  # one row per (query head of a group, node): see _attend_fixed
+        attend = partial(self._attend_fixed, cache, slots, biases)
+        x = self._embed(tokens)
+        for index, layer in enumerate(self._layers):
+            x = self._layer(index, layer, x, rope[layer.rope], attend)
+        return self._logits(x)
+
+    def _attend_fixed(self, cache: KVCache, slots: torch.Tensor, biases, index: int, layer: Layer, q, k, v) -> torch.Tensor:
+        """Write the step's keys and values at their slots, attend over the whole cache. The query
+        heads that share a key head are stacked along the query rows (query head h uses key head
+        h // group, as transformers' repeat_kv), so SDPA needs no GQA support to pick its fused
+        kernels, and the keys are never repeated."""
+        n, d = q.shape[0], self._head_dim
+        heads, kv_heads = self._num_heads, self._num_kv_heads
+        cache.write_slots(index, slots, k.transpose(0, 1), v.transpose(0, 1))
+        keys, values = cache.view(index, 0, cache.capacity)
+        query = q.transpose(0, 1).reshape(kv_heads, heads // kv_heads * n, d)[None].to(self._attention_dtype)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=biases[layer.window], scale=self._scale)
+        return out[0].reshape(heads, n, d).transpose(0, 1).reshape(n, heads * d)
 
     def _native_decoder(self, activation: int | None, gemma: bool):
         """The C++ decoder over these layers and None, or None and why not in C++."""
@@ -330,14 +426,14 @@ class FastRunner(ModelRunner):
         if start == 0 and (window is None or window >= n) and np.array_equal(tree.parents, np.arange(-1, n - 1)):
             return 0, None, True  # no (n, n) mask to build for a long prompt
         visible = tree_visibility(tree, start, window, first_key)
-        return first_key, additive_mask(visible, self._attention_dtype, self._device), False
+        return first_key, additive_mask(visible, self._attention_dtype, self.device), False
 
     def _ensure_rope(self, length: int) -> None:
         """Rotary cos/sin for positions 0..length-1, from the model's own rotary module."""
         if length <= self._rope_length:
             return
-        positions = torch.arange(length, device=self._device)[None]
-        probe = torch.empty(0, dtype=self.dtype, device=self._device)
+        positions = torch.arange(length, device=self.device)[None]
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
         for key in self._rope_keys:
             args = (key,) if self._rope_takes_layer_type else ()
             cos, sin = self._rotary(probe, positions, *args)
@@ -345,6 +441,20 @@ class FastRunner(ModelRunner):
             signed_sin = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
             self._rope_tables[key] = (cos[0], signed_sin)
         self._rope_length = length
+
+
+def _step_modes(device: torch.device, fixed_steps: bool | None, graphs: bool | None) -> tuple[bool, StepGraphs | None]:
+    """Whether one slot's steps run at fixed shapes, and the graphs that replay them: both by
+    default on a GPU, neither on the CPU (whose eager steps, sliced to the visible keys and run by
+    the C++ loop, are faster there)."""
+    cuda = device.type == "cuda"
+    if graphs and not cuda:
+        raise InvalidOptionError(f"CUDA graphs need a CUDA device, not {device}")
+    if graphs and fixed_steps is False:
+        raise InvalidOptionError("CUDA graphs replay fixed steps: graphs=True needs fixed_steps")
+    fixed = cuda if fixed_steps is None else fixed_steps
+    use_graphs = fixed and (cuda and graphs_wanted() if graphs is None else graphs)
+    return fixed, StepGraphs(device) if use_graphs else None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -47,10 +49,13 @@ class HFRunner(ModelRunner):
         self.max_context = int(getattr(config, "max_position_embeddings", 2048))
         self._mask_style = MASK_STYLE[config.model_type]
         self._window = getattr(config, "sliding_window", None)
-        self._device = model.device
+        self.device = model.device
         self._mask_dtype = model.dtype
         self._caches = [DynamicCache() for _ in range(max_slots)]
         self._committed = [0] * max_slots
+        # transformers 5.24 renamed the cache argument (the old name goes in 5.40); a GPU machine's
+        # own older transformers still takes the old one
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def cache_length(self, slot: int) -> int:
         return self._committed[slot]
@@ -66,8 +71,8 @@ class HFRunner(ModelRunner):
     def prefill(self, slot: int, input_ids: np.ndarray, reserve: int = 0) -> torch.Tensor:
         self._check_slot(slot)
         self._caches[slot] = DynamicCache()
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self._device)[None]
-        out = self.model(input_ids=ids, cache=self._caches[slot], use_cache=True)
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)[None]
+        out = self.model(input_ids=ids, use_cache=True, **{self._cache_arg: self._caches[slot]})
         self._committed[slot] = ids.shape[1]
         return out.logits[0].float()
 
@@ -75,14 +80,14 @@ class HFRunner(ModelRunner):
     def forward_tree(self, slot: int, tree: DraftTree) -> torch.Tensor:
         self._check_slot(slot)
         start = self._committed[slot]
-        ids = torch.as_tensor(tree.tokens, device=self._device)[None]
-        positions = torch.as_tensor(start + tree.depths, device=self._device)[None]
+        ids = torch.as_tensor(tree.tokens, device=self.device)[None]
+        positions = torch.as_tensor(start + tree.depths, device=self.device)[None]
         out = self.model(
             input_ids=ids,
             position_ids=positions,
             attention_mask=self._masks(tree, start),
-            cache=self._caches[slot],  # named past_key_values before transformers 5.24
             use_cache=True,
+            **{self._cache_arg: self._caches[slot]},
         )
         return out.logits[0].float()
 
@@ -90,7 +95,7 @@ class HFRunner(ModelRunner):
     def commit(self, slot: int, accepted: np.ndarray) -> None:
         self._check_slot(slot)
         start = self._committed[slot]
-        source = torch.as_tensor(start + accepted, device=self._device)
+        source = torch.as_tensor(start + accepted, device=self.device)
         end = start + len(accepted)
         for layer in self._caches[slot].layers:
             # Gather the accepted rows down into place, then cut the rejected tail off (a view).
@@ -110,4 +115,4 @@ class HFRunner(ModelRunner):
         }
 
     def _additive_mask(self, tree: DraftTree, start: int, window: int | None) -> torch.Tensor:
-        return additive_mask(tree_visibility(tree, start, window), self._mask_dtype, self._device)[None, None]
+        return additive_mask(tree_visibility(tree, start, window), self._mask_dtype, self.device)[None, None]

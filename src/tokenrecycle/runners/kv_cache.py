@@ -50,6 +50,12 @@ class KVCache:
         self._keys_by_layer[layer].narrow(2, start, n).copy_(keys)
         self._values_by_layer[layer].narrow(2, start, n).copy_(values)
 
+    def write_slots(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store (kv_heads, n, head_dim) keys and values at the slots a device tensor lists (a
+        fixed step's: its cache length is on the device, not the host)."""
+        self._keys_by_layer[layer].index_copy_(2, slots, keys[None].to(self._dtype))
+        self._values_by_layer[layer].index_copy_(2, slots, values[None].to(self._dtype))
+
     def view(self, layer: int, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots first..end-1 of one layer, as (1, kv_heads, end - first, head_dim) views."""
         return (
@@ -70,8 +76,10 @@ class KVCache:
 
     def _allocate(self, capacity: int, keep: int) -> None:
         shape = (*self._shape[:2], capacity, self._shape[3])
-        keys = torch.empty(shape, dtype=self._dtype, device=self._device)
-        values = torch.empty(shape, dtype=self._dtype, device=self._device)
+        # Zeros, not empty memory: a fixed step attends over every slot (masked), and masked
+        # garbage can be NaN, which a mask does not cancel.
+        keys = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        values = torch.zeros(shape, dtype=self._dtype, device=self._device)
         keys[:, :, :keep] = self.keys[:, :, :keep]
         values[:, :, :keep] = self.values[:, :, :keep]
         self.keys, self.values = keys, values
