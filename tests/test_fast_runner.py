@@ -322,19 +322,25 @@ LOOP_CASES = [(family, torch.float32, None) for family in tiny_configs()] + [
 @pytest.mark.parametrize("family, dtype, quantize", LOOP_CASES)
 def test_the_cpp_loop_equals_the_python_loop_bit_for_bit(one_thread, family, dtype, quantize):
     assert not isinstance(native_module(), str), native_module()  # a build this machine can make
-    model = build(tiny_configs()[family]).to(dtype)
+    assert_the_loops_agree_bit_for_bit(build(tiny_configs()[family]).to(dtype), quantize)
+
+
+def assert_the_loops_agree_bit_for_bit(model, quantize: str | None, steps: int = 3) -> FastRunner:
+    """The C++ and the Python loop on the same weights: the same logits for a prefill and random
+    trees, the same committed cache. Returns the C++ loop's runner."""
     native, python = OneSequence(FastRunner(model, quantize=quantize)), OneSequence(FastRunner(model, quantize=quantize, native=False))
     assert (native.loop, python.loop) == (Loop.CPP, Loop.PYTHON)
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, VOCAB, size=20)  # longer than the sliding windows
     compiled = trimmed("tr16")
     assert torch.equal(native.prefill(prompt), python.prefill(prompt))
-    for _ in range(3):
+    for _ in range(steps):
         tree = prune(compiled, rng.integers(0, VOCAB, size=len(compiled.paths)), np.ones(len(compiled.paths), bool))
         assert torch.equal(native.forward_tree(tree), python.forward_tree(tree))
         path = tree.path_to(int(rng.integers(len(tree))))
         native.commit(path), python.commit(path)
     assert all(torch.equal(a, b) for a, b in zip(committed_cache(native), committed_cache(python)))
+    return native.runner
 
 
 def test_without_a_build_the_python_loop_runs_and_says_why(one_thread, monkeypatch):

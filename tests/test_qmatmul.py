@@ -152,24 +152,10 @@ def test_fused_weights_join_exactly():
 
 
 def test_the_cpp_and_python_loops_agree_bit_for_bit_on_the_kernel(module, monkeypatch, one_thread):
-    from test_fast_runner import committed_cache
-    from tiny_models import VOCAB, build, tiny_configs, trimmed
-    from fakes import OneSequence
-    from tokenrecycle.runners import FastRunner, Loop
+    from test_fast_runner import assert_the_loops_agree_bit_for_bit
+    from tiny_models import build, tiny_configs
     from tokenrecycle.runners.linear import QMATMUL_SWITCH, QuantLinear
-    from tokenrecycle.trees import prune
 
     monkeypatch.setenv(QMATMUL_SWITCH, "1")
-    model = build(tiny_configs()["llama"]).to(torch.bfloat16)
-    native, python = (OneSequence(FastRunner(model, quantize="int4", native=flag)) for flag in (None, False))
-    assert (native.loop, python.loop) == (Loop.CPP, Loop.PYTHON) and isinstance(native.runner._layers[0].qkv, QuantLinear)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, VOCAB, size=20)
-    compiled = trimmed("tr16")
-    assert torch.equal(native.prefill(prompt), python.prefill(prompt))
-    for _ in range(2):
-        tree = prune(compiled, rng.integers(0, VOCAB, size=len(compiled.paths)), np.ones(len(compiled.paths), bool))
-        assert torch.equal(native.forward_tree(tree), python.forward_tree(tree))
-        path = tree.path_to(int(rng.integers(len(tree))))
-        native.commit(path), python.commit(path)
-    assert all(torch.equal(a, b) for a, b in zip(committed_cache(native), committed_cache(python)))
+    runner = assert_the_loops_agree_bit_for_bit(build(tiny_configs()["llama"]).to(torch.bfloat16), "int4", steps=2)
+    assert isinstance(runner._layers[0].qkv, QuantLinear)
