@@ -21,7 +21,7 @@ from tokenrecycle import (
 )
 from tokenrecycle.cli import identical_text, main
 from tokenrecycle.models import resolve
-from tokenrecycle.runners.native import SOURCE, module_name, native_module_built
+from tokenrecycle.runners.native import SOURCE, module_name, native_module, native_module_built
 
 
 @pytest.fixture(autouse=True)
@@ -287,6 +287,18 @@ def test_native_module_built_reads_the_extension_cache(tmp_path, monkeypatch):
     assert native_module_built()
     (build / "build.ninja").write_text("build decoder.o: compile /another/checkout/decoder.cpp\n")
     assert not native_module_built()  # another checkout's build: rebuilt for this one
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """torch's `lock` file from a build that was killed mid-way: the next process loads anyway."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    assert not isinstance(native_module(), str), native_module()  # built (and loaded) here once
+    stale = Path(_get_build_directory(module_name(), verbose=False)) / "lock"
+    stale.touch()
+    code = "from tokenrecycle.runners.native import native_module; m = native_module(); assert not isinstance(m, str), m"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert not stale.exists()
 
 
 def test_the_native_build_is_named_by_its_source(tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ on a small model). torch's extension builder compiles it once per torch version 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -55,14 +57,31 @@ def native_module():
     """The compiled extension, or the reason it is unavailable (a string): built at most once per
     process, and by torch's builder at most once per machine and torch version."""
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         put_ninja_on_path()
-
-        return load(module_name(), [str(path) for path in SOURCES], extra_cflags=["-O2"], verbose=False)
+        name = module_name()
+        with build_lock(Path(_get_build_directory(name, verbose=False))):
+            return load(name, [str(path) for path in SOURCES], extra_cflags=["-O2"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python loop computes the same
         lines = str(exc).strip().splitlines()
         return f"the C++ loop could not be built ({type(exc).__name__}: {lines[0] if lines else ''})"
+
+
+@contextlib.contextmanager
+def build_lock(build: Path):
+    """Hold the build folder while torch builds or loads into it. torch marks a build in progress
+    with a `lock` file that a killed build (a server stopped while compiling) leaves behind, and
+    every later load waits on it forever. An OS lock dies with its holder, so whoever holds this
+    one knows no build of ours is running and that a `lock` file there is stale."""
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "tokenrecycle.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (build / "lock").unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def native_module_built() -> bool:
