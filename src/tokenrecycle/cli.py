@@ -396,11 +396,10 @@ def run_serve(args: argparse.Namespace) -> int:
     background (/health answers 503 meanwhile); a load that fails ends the server, in one line."""
     import os
 
+    from .devices import resolve_device
     from .server import API_KEY_ENV, ServerSettings, serve
     from .server.drafting import Drafting
     from .tables import TableFile
-
-    from .devices import resolve_device
 
     if args.stop:
         raise InvalidOptionError("serve takes stop strings per request (the stop field), not --stop")

@@ -490,8 +490,9 @@ def _device_for(model: str | LoadedModel, spec: str | torch.device) -> torch.dev
     if not isinstance(model, LoadedModel):
         return resolve_device(spec)
     loaded_on = model.model.device
-    if str(spec) != "auto" and resolve_device(spec) != loaded_on:
-        raise InvalidOptionError(f"the loaded model is on {loaded_on}, not {resolve_device(spec)}")
+    asked = loaded_on if str(spec) == "auto" else resolve_device(spec)
+    if asked != loaded_on:
+        raise InvalidOptionError(f"the loaded model is on {loaded_on}, not {asked}")
     return loaded_on
 
 

@@ -33,8 +33,7 @@ def check_table_choice(choice: str | None) -> None:
 
 def table_path(choice: str | None, model_path: Path, topk: int) -> Path | None:
     """The table's file: None for `none`, a given path as it is, else the cache's file for the
-    model and topk."""
-    check_table_choice(choice)
+    model and topk. `choice` as TableFile checked it."""
     if choice == NO_TABLE:
         return None
     if choice is not None:
