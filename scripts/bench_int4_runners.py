@@ -1,5 +1,5 @@
-"""int4 on the fast runner (C++ loop): torch's int4 kernel with a bf16 LM head (the default) against
-the C++ extension's kernel with its 8-bit head (TOKENRECYCLE_QMATMUL=1), in
+"""int4 on the fast runner (C++ loop): torch's int4 kernel (the default) against the C++ extension's
+kernel (TOKENRECYCLE_QMATMUL=1), both with a bf16 LM head, in
 one process: the forward cost curve, then greedy decoding (plain and Token Recycling) per prompt,
 the runners taking turns on each prompt after a warm-up (Token Recycling from a cold table each time).
 
@@ -31,7 +31,7 @@ SIZES = (1, 2, 4, 8, 16, 32)
 
 
 def kernel_runner(model) -> FastRunner:
-    """int4 on the C++ kernel (TOKENRECYCLE_QMATMUL=1) with its 8-bit head."""
+    """int4 on the C++ kernel (TOKENRECYCLE_QMATMUL=1)."""
     with mock.patch.dict(os.environ, {linear.QMATMUL_SWITCH: "1"}):
         return FastRunner(model, quantize="int4")
 
@@ -52,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine("smollm2", dtype="bfloat16", quantize="int4", tree=args.tree)
     new = kernel_runner(engine.loaded.model)
-    runners = {"torch int4 + bf16 head": engine.runner, "qmatmul + q8 head": new}
-    print(f"threads {torch.get_num_threads()}, new kernel {new.kernel}")
+    runners = {"torch int4 (default)": engine.runner, "qmatmul": new}
+    print(f"threads {torch.get_num_threads()}, kernels {engine.runner.kernel} and {new.kernel}")
     costs = forward_costs(runners, SIZES, context=256, repeats=7)
     print("\nforward ms on 256 cached tokens (ratio to n=1)")
     print(f"{'runner':24s}" + "".join(f"{n:>8d}" for n in SIZES))

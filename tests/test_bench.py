@@ -481,3 +481,18 @@ def test_committed_results_render_their_report(committed, tmp_path):
     assert main(["bench", "--render", str(copy)]) == 0
     assert (copy / "report.md").read_text() == (committed / "report.md").read_text()
     assert absolute_paths(json.loads(text)) == []
+
+
+def test_quantised_methods_run_on_their_own_weights_against_their_own_plain_decoding():
+    """gguf-*: the GGUF's own blocks on the C++ kernel; tr and auto there are paired with gguf-plain."""
+    factory = MethodFactory("smollm2", "bfloat16")
+    ids = factory.engine.encode("def add(a, b):")
+    built = {name: factory.build(name, tree="tr4" if name.endswith("-tr") else None) for name in ("gguf-plain", "gguf-tr", "gguf-auto")}
+    assert built["gguf-plain"].baseline == "ar" and built["gguf-tr"].baseline == built["gguf-auto"].baseline == "gguf-plain"
+    assert built["gguf-auto"].settings["quantize"] == "gguf" and "gguf weights" in built["gguf-plain"].description
+    runs = {name: method.run(ids, 12) for name, method in built.items()}
+    for name, run in runs.items():
+        assert len(run.token_ids) == 12 and sum(run.accepted_lengths) == 12, name  # the prefill decides the first
+    assert runs["gguf-plain"].accepted_lengths == [1] * 12
+    assert set(factory.cost_runners(list(built.values()))) == {"hf", "fast", "fast gguf"}
+    assert factory.quantized_engine("gguf").runner.kernel.startswith("qmatmul")

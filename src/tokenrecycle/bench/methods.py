@@ -4,8 +4,10 @@ token ids, time and accepted lengths out.
 - `ar`: plain greedy `model.generate` of transformers, the reference every method is checked against.
 - `plain`, `tr`, `tr-cold`: tokenrecycle on its default runner: one token per step, Token
   Recycling with a table kept across requests (hot) or restarted per request from the prompt (cold).
-- `tr-hf`: Token Recycling on the transformers runner; `int4-plain`, `int4-tr`: the fast runner
-  with 4-bit weights (a model of its own, so checked against its own plain decoding).
+- `tr-hf`: Token Recycling on the transformers runner; `int4-plain`, `int4-tr`, `int4-auto`: the
+  fast runner with 4-bit weights (a model of its own, so checked against its own plain decoding);
+  `gguf-plain`, `gguf-tr`, `gguf-auto`: the same with the GGUF file's own 4/8-bit weights on the
+  C++ kernel (`--quantize gguf`, the weights llama.cpp runs).
 - `sps`, `rsd`: drafts sampled from a draft model (by default an early exit of the target: its
   first quarter of layers): a chain with an adaptive length (speculative sampling) and a tree
   drawn without replacement (Recursive Speculative Decoding, branching 2, 2, 1); `rsd-sbs`: the
@@ -50,11 +52,11 @@ from .metrics import temperature_suffix
 from .results import portable_path
 
 BASE_METHODS = (
-    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto",
-    "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
+    "ar", "plain", "tr", "tr-cold", "tr-hf", "int4-plain", "int4-tr", "int4-auto", "gguf-plain", "gguf-tr", "gguf-auto",
+    "sps", "rsd", "rsd-sbs", "lookup", "retrieval", "merged", "auto", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld",
 )  # fmt: skip
 DEFAULT_METHODS = ("ar", "plain", "tr", "tr-cold", "hf-pld", "hf-assisted", "llamacpp", "llamacpp-pld")
-TREE_METHODS = ("tr", "tr-cold", "tr-hf", "int4-tr")  # expanded once per tree asked for
+TREE_METHODS = ("tr", "tr-cold", "tr-hf", "int4-tr", "gguf-tr")  # expanded once per tree asked for
 REFERENCE = "ar"
 
 
@@ -237,6 +239,7 @@ class MethodFactory:
         self.draft_model = draft_model
         self.pld = {"prompt_lookup_num_tokens": pld_tokens, "max_matching_ngram_size": pld_ngram}
         self.llamacpp_pld = {"num_pred_tokens": llamacpp_pld_tokens, "max_ngram_size": pld_ngram}
+        self._quantized: dict[str, Engine] = {}
 
     @cached_property
     def engine(self) -> Engine:
@@ -250,21 +253,24 @@ class MethodFactory:
     def hf_engine(self) -> Engine:
         return Engine(self.loaded, dtype=self.engine.dtype, runner="hf")
 
-    @cached_property
-    def int4_engine(self) -> Engine:
-        if self.engine.dtype != "bfloat16":
-            raise MethodUnavailable("int4 weights need bfloat16 activations")
-        if self.engine.runner.kind is not RunnerKind.FAST:
-            raise MethodUnavailable("int4 weights need the fast runner, which does not run this model")
-        return Engine(self.model_spec, dtype="bfloat16", device=self.device, quantize="int4")
+    def quantized_engine(self, quantize: str) -> Engine:
+        """The model with `quantize` weights (int4, gguf), loaded once for all the methods on it."""
+        if quantize not in self._quantized:
+            if self.engine.dtype != "bfloat16":
+                raise MethodUnavailable(f"{quantize} weights need bfloat16 activations")
+            if self.engine.runner.kind is not RunnerKind.FAST:
+                raise MethodUnavailable(f"{quantize} weights need the fast runner, which does not run this model")
+            self._quantized[quantize] = Engine(self.model_spec, dtype="bfloat16", device=self.device, quantize=quantize)
+        return self._quantized[quantize]
 
     def cost_runners(self, methods: list[Method]) -> dict:
         """The runners behind the methods, for the cost curve: the transformers runner always."""
         runners = {"hf": HFRunner(self.loaded.model)}
         if self.engine.runner.kind is RunnerKind.FAST:
             runners["fast"] = self.engine.runner
-        if any(m.name.startswith("int4") for m in methods):
-            runners["fast int4"] = self.int4_engine.runner
+        for quantize in ("int4", "gguf"):
+            if any(m.name.startswith(quantize) for m in methods):
+                runners[f"fast {quantize}"] = self.quantized_engine(quantize).runner
         return runners
 
     def build(self, base: str, tree: str | None = None, name: str | None = None, sampling: Sampling | None = None) -> Method:
@@ -294,13 +300,27 @@ class MethodFactory:
         return self._recycling(v, self.hf_engine, tree, hot=True, baseline=REFERENCE)
 
     def _int4_plain(self, v: Variant):
-        return OwnLoopMethod(
-            v.name, v.baseline(REFERENCE), "tokenrecycle, one token per step, int4 weights", {"quantize": "int4"}, v.sampling,
-            engine=self.int4_engine,
-        )  # fmt: skip
+        return self._quantized_plain(v, "int4")
 
     def _int4_tr(self, v: Variant, tree):
-        return self._recycling(v, self.int4_engine, tree, hot=True, baseline="int4-plain")
+        return self._recycling(v, self.quantized_engine("int4"), tree, hot=True, baseline="int4-plain")
+
+    def _int4_auto(self, v: Variant):
+        return self._auto(v, self.quantized_engine("int4"), baseline="int4-plain")
+
+    def _gguf_plain(self, v: Variant):
+        return self._quantized_plain(v, "gguf")
+
+    def _gguf_tr(self, v: Variant, tree):
+        return self._recycling(v, self.quantized_engine("gguf"), tree, hot=True, baseline="gguf-plain")
+
+    def _gguf_auto(self, v: Variant):
+        return self._auto(v, self.quantized_engine("gguf"), baseline="gguf-plain")
+
+    def _quantized_plain(self, v: Variant, quantize: str) -> OwnLoopMethod:
+        engine = self.quantized_engine(quantize)
+        description = f"tokenrecycle, one token per step, {quantize} weights ({engine.describe().runner_text()})"
+        return OwnLoopMethod(v.name, v.baseline(REFERENCE), description, {"quantize": quantize}, v.sampling, engine=engine)
 
     def _sps(self, v: Variant):
         return self._draft_model(v, "chain", kind="speculative sampling, adaptive chain")
@@ -330,21 +350,25 @@ class MethodFactory:
     def _merged(self, v: Variant):
         return self._train_free(v, "merged", "Token Recycling, lookup and retrieval merged in one tree")
 
-    def _auto(self, v: Variant):
-        return self._train_free(v, "auto", "a bandit choosing among Token Recycling, lookup, retrieval and their merges")
+    def _auto(self, v: Variant, engine: Engine | None = None, baseline: str = "plain"):
+        description = "a bandit choosing among Token Recycling, lookup, retrieval and their merges"
+        return self._train_free(v, "auto", description, engine, baseline)
 
-    def _train_free(self, v: Variant, kind: str, description: str) -> OwnLoopMethod:
+    def _train_free(self, v: Variant, kind: str, description: str, engine: Engine | None = None, baseline: str = "plain") -> OwnLoopMethod:
         # Each retrieving method reads the file into an automaton of its own: it learns as it runs.
+        engine = engine or self.engine
         retrieves = kind in ("retrieval", "merged", "auto")
         store = SuffixAutomaton.load(self.datastore) if self.datastore and retrieves else None
-        drafter = self.engine.build_drafter(kind, datastore=store)
-        settings = {"drafter": kind, "tree": self.engine.tree.name}
+        drafter = engine.build_drafter(kind, datastore=store)
+        settings = {"drafter": kind, "tree": engine.tree.name}
         if retrieves:
             datastore = self.datastore and portable_path(self.datastore)
             settings.update(datastore=datastore, datastore_tokens=store.tokens if store else 0)
         if isinstance(drafter, AutoDrafter):
             settings["arms"] = drafter.arm_names
-        return OwnLoopMethod(v.name, v.baseline("plain"), description, settings, v.sampling, engine=self.engine, drafter=drafter)
+        if engine.quantize:
+            settings["quantize"] = engine.quantize
+        return OwnLoopMethod(v.name, v.baseline(baseline), description, settings, v.sampling, engine=engine, drafter=drafter)
 
     def _hf_pld(self, v: Variant):
         return self._transformers(v, REFERENCE, "transformers prompt lookup decoding", dict(self.pld))

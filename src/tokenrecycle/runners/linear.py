@@ -12,9 +12,10 @@ from . import quant
 from .native import INT4, PLAIN, PREPACKED, QUANT, native_module
 
 INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
-# 1: --quantize int4 on the C++ kernel (and an 8-bit head). Off by default: on the 2-core AMX machine
-# it is flatter with rows but slower for one row than torch's int4 kernel, and plain int4 decoding
-# ran at 46 against 78 tokens/s (scripts/bench_int4_runners.py). --quantize gguf always uses it.
+# 1: --quantize int4 on the C++ kernel. Off by default: on the 2-core AMX machine it is far flatter
+# with rows, but its one-row step costs 1.6x torch's int4 kernel's (16.7 against 10.2 ms on SmolLM2),
+# and plain int4 decoding ran at 60 against 99 tokens/s, Token Recycling at 67 against 78
+# (scripts/bench_int4_runners.py). --quantize gguf always uses it.
 QMATMUL_SWITCH = "TOKENRECYCLE_QMATMUL"
 
 
@@ -93,7 +94,7 @@ def int4_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
 
     This defines a model of its own: its outputs are compared with plain decoding of the same
     quantised weights, not with the unquantised model. torch's int4 kernel (bf16 scales), or the
-    C++ kernel where TOKENRECYCLE_QMATMUL=1 and the extension builds."""
+    C++ kernel (float32 scales) where TOKENRECYCLE_QMATMUL=1 and the extension builds."""
     check_int4(weight)
     if not int4_on_kernel():
         return TorchInt4Linear(weight, bias)
@@ -150,11 +151,13 @@ def make_linear(modules: list[torch.nn.Linear], quantize: str | None, gguf: dict
 
 
 def head_linear(weight: torch.Tensor, quantize: str | None, gguf: quant.QuantWeight | None = None):
-    """The LM head: the GGUF's own (gguf), 8 bits per group of 32 (int4 on the C++ kernel), else bf16."""
+    """The LM head: the GGUF's own weights (gguf), else bf16. An 8-bit head does not pay on these
+    machines: the head's weights fit the cache, so its cost is arithmetic, and oneDNN's bf16 kernel
+    beat the 8-bit one at every row count (1.8 against 2.6 ms for one row on SmolLM2's head)."""
     module = native_module()
-    if isinstance(module, str) or quantize is None or (quantize == "int4" and not int4_on_kernel()):
+    if isinstance(module, str) or quantize != "gguf":
         return Linear(weight)
-    return QuantLinear(gguf if quantize == "gguf" else quant.quantize8(weight), None, module)
+    return QuantLinear(gguf, None, module)
 
 
 def check_quantize(quantize: str | None) -> None:
