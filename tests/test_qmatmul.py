@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from tokenrecycle.errors import InvalidOptionError
+
 from tokenrecycle.runners import quant
 from tokenrecycle.runners.linear import INT4_GROUP, TorchInt4Linear
 from tokenrecycle.runners.native import native_module
@@ -135,6 +137,24 @@ def test_gguf_types_without_a_match_are_requantised_to_8_bits():
     step = expected.view(7, 8, 32).abs().amax(-1, keepdim=True) / 127
     assert weight.bits == 8
     assert ((quant.dequantize(weight) - expected).view(7, 8, 32).abs() <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_the_map_check_allows_requantising_but_not_a_wrong_tensor():
+    """A requantised Q6_K weight (Qwen2.5's Q4_K_M has some) matches the model's copy of the same
+    file; the same weight against other rows does not."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from tokenrecycle.runners.gguf_weights import _check_matches
+
+    data = random_blocks("Q6_K", 32, 256)
+    model_copy = torch.from_numpy(dequantize(data, GGMLQuantizationType.Q6_K).reshape(32, 256)).bfloat16()
+    weight = quant.from_gguf(data, "Q6_K", (32, 256))
+    _check_matches(weight, model_copy, "blk.0.ffn_down.weight", exact=False)
+    with pytest.raises(InvalidOptionError, match="does not match"):
+        _check_matches(weight, model_copy.roll(1, dims=0), "blk.0.ffn_down.weight", exact=False)
+    with pytest.raises(InvalidOptionError, match="does not match"):  # exact types get no slack
+        _check_matches(weight, model_copy, "blk.0.ffn_down.weight", exact=True)
 
 
 def test_int4_group_is_the_kernels():

@@ -63,7 +63,7 @@ def add_model_options(parser) -> None:
     parser.add_argument("--runner", choices=RUNNERS, default="auto", help="fast (own decoder loop) where the architecture allows, hf (transformers' forward) otherwise")
     parser.add_argument(
         "--quantize", choices=["int4", "gguf"], default=None,
-        help="int4: 4-bit weights in groups of 32, 8-bit LM head; gguf: the GGUF file's own quantised weights "
+        help="int4: 4-bit weights in groups of 32, bf16 LM head; gguf: the GGUF file's own quantised weights "
         "(Q4_0/Q4_1/Q4_K in 4 bits, Q8_0/Q5_0 in 8, other types requantised to 8). Each is a model of its own; "
         "needs bfloat16 and the fast runner",
     )  # fmt: skip

@@ -13,8 +13,9 @@ from .native import INT4, PLAIN, PREPACKED, QUANT, native_module
 
 INT4_GROUP = 32  # inputs per int4 group; a GGUF Q4 block has 32 weights too
 # 1: --quantize int4 on the C++ kernel. Off by default: on the 2-core AMX machine it is far flatter
-# with rows, but its one-row step costs 1.6x torch's int4 kernel's (16.7 against 10.2 ms on SmolLM2),
-# and plain int4 decoding ran at 60 against 99 tokens/s, Token Recycling at 67 against 78
+# with rows (16 tokens 1.6x one, torch's 3.2x) and faster per matrix in isolation, but a whole
+# one-token step still costs more (11.7 against 10.3 ms on SmolLM2), so plain int4 decoding ran at
+# 89 against 104 tokens/s and the best int4 setup stays on torch's kernel
 # (scripts/bench_int4_runners.py). --quantize gguf always uses it.
 QMATMUL_SWITCH = "TOKENRECYCLE_QMATMUL"
 

@@ -19,6 +19,10 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "decoder.cpp"
 SOURCES = (SOURCE, CSRC / "qmatmul.cpp")  # compiled; the digest covers every file in csrc
 SWITCH = "TOKENRECYCLE_NATIVE"  # 0: always the Python loop
+# -fopenmp: at::parallel_for is a header template that splits work over threads only where the
+# code using it is compiled with OpenMP (without it, the quantised kernel ran on one core). The
+# library it links, libgomp.so.1, is the copy torch has already loaded, so there is one thread pool.
+FLAGS = ("-O2", "-fopenmp")
 
 # Linear kinds and activations as decoder.cpp numbers them.
 PLAIN, PREPACKED, INT4, QUANT = 0, 1, 2, 3
@@ -27,10 +31,10 @@ ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}
 
 @functools.cache
 def module_name() -> str:
-    """The build's name carries a digest of its source: checkouts of other versions on the same
+    """The build's name carries a digest of its source and flags: checkouts of other versions on the same
     machine (a second clone, a worktree, a replica's copy) each get their own build in torch's
     cache instead of loading, or rebuilding over, one another's."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join(FLAGS).encode())
     for path in sorted(CSRC.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"tokenrecycle_decoder_{digest.hexdigest()[:12]}"
@@ -62,7 +66,7 @@ def native_module():
         put_ninja_on_path()
         name = module_name()
         with build_lock(Path(_get_build_directory(name, verbose=False))):
-            return load(name, [str(path) for path in SOURCES], extra_cflags=["-O2"], verbose=False)
+            return load(name, [str(path) for path in SOURCES], extra_cflags=list(FLAGS), extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: the Python loop computes the same
         lines = str(exc).strip().splitlines()
         return f"the C++ loop could not be built ({type(exc).__name__}: {lines[0] if lines else ''})"
