@@ -96,7 +96,8 @@ def test_quantised_weights_compare_with_plain_decoding_of_the_same_weights(capsy
     code, out, _ = run_cli(capsys, *args)
     assert code == 0
     report = json.loads(out)
-    assert report["quantize"] == quantize and report["tree"] == "tr2"
+    assert report["quantize"] == quantize
+    assert report["tree"] in ("tr2", "auto")  # the 4-bit default, or the tuned tree where the cache has a profile
     assert report["baseline"] == f"plain greedy, same {quantize} runner"
 
 
