@@ -40,11 +40,21 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/tokenrecycle bench $(BENCH_ARGS)
 
-# Optional: llama.cpp for the comparison rows. It compiles (about 4 minutes on 2 cores). Native
-# builds crash on some AVX-512 CPUs in the AMX path for Q4 weights, hence these flags.
-LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# Optional: llama.cpp for the comparison rows. It compiles (about 4 minutes on 2 cores). Built for
+# this CPU's own vector extensions, as a native build picks them (its Q4 dot products use VNNI), but
+# with AMX off: native builds crash on some AVX-512 CPUs in the AMX path for Q4 weights.
+# make llamacpp-rebuild compiles it again (after a CPU change, or a build from an older Makefile).
+CPU_FLAGS := $(shell grep -m1 -o -w -E 'avx512f|avx512_vnni|avx512_bf16|avx512vbmi|avx_vnni' /proc/cpuinfo 2>/dev/null | sort -u)
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+	$(if $(filter avx512f,$(CPU_FLAGS)),-DGGML_AVX512=ON) $(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
+	$(if $(filter avx512_bf16,$(CPU_FLAGS)),-DGGML_AVX512_BF16=ON) $(if $(filter avx512vbmi,$(CPU_FLAGS)),-DGGML_AVX512_VBMI=ON) \
+	$(if $(filter avx_vnni,$(CPU_FLAGS)),-DGGML_AVX_VNNI=ON)
 llamacpp: $(STAMP)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q -e '.[llamacpp]'
+
+.PHONY: llamacpp-rebuild
+llamacpp-rebuild: $(STAMP)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PY) -m pip install -q --force-reinstall --no-deps --no-cache-dir llama-cpp-python==$(LLAMACPP_PY_VERSION)
 
 # Optional: llama.cpp's own C++ server (llama-server, parallel slots and continuous batching) for the
 # serving benchmark's comparison row. Offline-friendly: the llama.cpp source vendored in the
