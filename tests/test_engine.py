@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tokenrecycle import Engine, EngineBusyError, InvalidOptionError, PromptTooLongError, RequestSettings, RequestState
 from tokenrecycle.drafters import TokenRecyclingDrafter
+from tokenrecycle.drafters.auto import AutoDrafter
 from tokenrecycle.drafters.lookup import LookupDrafter
 from tokenrecycle.drafters.registry import DRAFTERS
 from tokenrecycle.reference import hf_generate
@@ -212,10 +213,10 @@ def test_a_drafter_holding_one_texts_state_serves_one_request_at_a_time(engine):
     run_all(engine, [first, second, third])
 
 
-def test_the_default_drafter_shares_the_engines_table(engine):
+def test_the_default_drafter_drafts_from_the_engines_table(engine):
     engine.set_tree("tr8")
     request = engine.submit(PROMPTS[1], RequestSettings(4))
-    assert request.drafter is engine.recycling
+    assert isinstance(request.drafter, AutoDrafter) and request.drafter.drafters["tr"] is engine.recycling
     run_all(engine, [request])
     assert (engine.recycling.table[PROMPTS[1]] >= 0).all()  # the prompt's rows were written
 

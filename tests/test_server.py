@@ -23,6 +23,7 @@ import pytest
 from openai import OpenAI
 
 from tokenrecycle import Engine, RequestSettings
+from tokenrecycle.drafters.registry import DEFAULT_DRAFTER
 from tokenrecycle.sampling import Sampling
 from tokenrecycle.server import ServerSettings, create_app
 from tokenrecycle.server.tokens import TokenPieces
@@ -96,7 +97,7 @@ def test_greedy_chat_equals_the_engine(client, engine):
     assert choice.finish_reason == ("length" if expected.stop_reason == "length" else "stop")
     assert answer.usage.completion_tokens == expected.new_tokens and answer.usage.prompt_tokens == expected.prompt_tokens
     stats = extra(answer)
-    assert stats["drafter"] == "recycling" and sum(stats["accepted_lengths"]) == expected.new_tokens
+    assert stats["drafter"] == DEFAULT_DRAFTER and sum(stats["accepted_lengths"]) == expected.new_tokens
     assert stats["steps"] == len(stats["accepted_lengths"]) and stats["mean_accepted"] >= 1
 
 

@@ -13,7 +13,7 @@ from .devices import DEVICES
 from .errors import InvalidOptionError, TokenRecycleError
 from .models import BUNDLED, DEFAULT_MODEL, DTYPES
 from .runners import RUNNERS
-from .drafters.registry import DRAFTERS, TRAIN_FREE
+from .drafters.registry import DEFAULT_DRAFTER, DRAFTERS, TRAIN_FREE
 from .prompts import check_prompt_text
 from .trees.templates import TEMPLATES
 
@@ -79,7 +79,7 @@ def add_decoding_options(parser) -> None:
     parser.add_argument("--tree", default="auto", help=f"auto (default: the tree tuned for this machine, tuned on first use), adaptive (starts there and follows each request's acceptance), a named tree ({', '.join(TEMPLATES)}), dynN (dynamic, N nodes) or a JSON file of rank paths")
     parser.add_argument("--no-tune", action="store_true", help="with --tree auto and no profile yet: use the static default tree instead of tuning")
     parser.add_argument("--tune-seconds", type=float, default=60.0, help="time for tuning on first use")
-    parser.add_argument("--drafter", choices=TRAIN_FREE + ("plain",), default=None, help="train-free drafting: " + "; ".join(f"{name}: {DRAFTERS[name].description}" for name in TRAIN_FREE) + " (default recycling); plain: no drafts")
+    parser.add_argument("--drafter", choices=TRAIN_FREE + ("plain",), default=None, help="train-free drafting: " + "; ".join(f"{name}: {DRAFTERS[name].description}" for name in TRAIN_FREE) + f" (default {DEFAULT_DRAFTER}); plain: no drafts")
     parser.add_argument("--datastore", default=None, help="for retrieval, merged and auto: a datastore file from tokenrecycle index")
     parser.add_argument("--draft", default=None, help="draft with a draft model instead of Token Recycling: early-exit:N (this model's first N layers), int4 (a 4-bit copy) or a model with the same tokenizer")
     parser.add_argument("--draft-shape", default="chain", help="with --draft: chain (adaptive length, speculative sampling), W1,W2,... children per level (a tree drawn without replacement: RSD) or beam:W,D (a stochastic beam search of width W and depth D)")
@@ -323,10 +323,10 @@ def save_table(tables, engine) -> None:
 
 
 def drafter_of(generator, args: argparse.Namespace):
-    """None for the engine's own Token Recycling drafter (its shared table, which --table keeps),
-    else a drafter from the registry whose Token Recycling part drafts from that same table."""
-    name = "draft-model" if args.draft else args.drafter or "recycling"
-    if name == "recycling":
+    """None for the engine's default drafter (built per request on the shared table, which --table
+    keeps), else a drafter from the registry whose Token Recycling part drafts from that same table."""
+    name = "draft-model" if args.draft else args.drafter or DEFAULT_DRAFTER
+    if name == DEFAULT_DRAFTER:
         return None
     from .suffix_automaton import SuffixAutomaton
 
@@ -337,7 +337,7 @@ def drafter_of(generator, args: argparse.Namespace):
 def drafting_label(args: argparse.Namespace) -> str:
     if args.draft:
         return f"draft {args.draft} ({args.draft_shape})"
-    return args.drafter or "recycling"
+    return args.drafter or DEFAULT_DRAFTER
 
 
 def load_generator(args: argparse.Namespace, tree: str):
@@ -412,7 +412,7 @@ def run_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_new_tokens,
         max_body_bytes=args.max_body_bytes,
     )
-    drafting = Drafting("draft-model" if args.draft else args.drafter or "recycling", serving_datastore(args), args.draft, args.draft_shape)
+    drafting = Drafting("draft-model" if args.draft else args.drafter or DEFAULT_DRAFTER, serving_datastore(args), args.draft, args.draft_shape)
     tables = TableFile(args.table)
     keep = partial(save_table, tables)  # every ServerSettings.save_every_s while serving, and at the stop
     replicas = replica_settings(args)

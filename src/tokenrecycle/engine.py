@@ -43,7 +43,7 @@ from .drafters import Drafter, TokenRecyclingDrafter
 from .drafters.adaptive import AdaptiveTreeDrafter
 from .drafters.draft_model import DraftShape
 from .drafters.recycling import check_topk
-from .drafters.registry import DraftResources, build_drafter, drafter_entry
+from .drafters.registry import DEFAULT_DRAFTER, DraftResources, build_drafter, drafter_entry
 from .errors import EngineBusyError, InvalidOptionError, PromptTooLongError
 from .devices import resolve_device
 from .hardware import choose_dtype
@@ -59,7 +59,6 @@ from .tuning import ProfileKey, read_profile
 from .verify import SamplingVerifier
 
 DEFAULT_MAX_WAITING = 64
-DEFAULT_DRAFTER = "recycling"
 DEFAULT_MAX_BATCH_TOKENS = 256
 DEFAULT_PREFILL_CHUNK = 64  # measured: bench-results/batching-prefill.md, docs/batching.md
 
