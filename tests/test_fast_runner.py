@@ -364,3 +364,32 @@ def test_the_builder_finds_the_ninja_this_python_installed(monkeypatch):
     put_ninja_on_path()
     put_ninja_on_path()  # once is enough
     assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernels_compute_what_torchs_operations_do(dtype):
+    """The residual add and the rotary embedding with its cache writes give torch's bits; the norm
+    (a sum in another order) agrees within one rounding of the dtype."""
+    module = native_module()
+    assert not isinstance(module, str), module
+    gen = torch.Generator().manual_seed(0)
+    x, h = (torch.randn(5, 96, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(96, generator=gen).to(dtype)
+    total, normed = module.add_rms_norm(x, h, weight.float(), 1e-6, False)
+    assert torch.equal(total, x + h)
+    expected = weight * torch.rms_norm((x + h).float(), (96,), eps=1e-6).to(dtype)
+    torch.testing.assert_close(normed, expected, atol=0, rtol=torch.finfo(dtype).eps * 2)
+    heads, kv_heads, d, sizes, starts = 4, 2, 16, [3, 2], [0, 7]
+    qkv = torch.randn(5, heads + 2 * kv_heads, d, generator=gen).to(dtype)
+    cos, sin = (torch.randn(5, 1, d, generator=gen).to(dtype) for _ in range(2))
+    caches = [(torch.zeros(3, kv_heads, 12, d), torch.zeros(3, kv_heads, 12, d)) for _ in sizes]
+    queries = module.rotate_into_cache(qkv, cos, sin, heads, [k for k, _ in caches], [v for _, v in caches], starts, sizes, 1)
+    rotated = qkv * cos + qkv.roll(d // 2, dims=-1) * sin
+    assert torch.equal(queries, rotated[:, :heads].float())
+    row = 0
+    for (keys, values), start, size in zip(caches, starts, sizes):
+        rows = slice(row, row + size)
+        assert torch.equal(keys[1, :, start : start + size], rotated[rows, heads : heads + kv_heads].transpose(0, 1).float())
+        assert torch.equal(values[1, :, start : start + size], qkv[rows, heads + kv_heads :].transpose(0, 1).float())
+        assert not keys[0].any() and not keys[2].any()  # other layers untouched
+        row += size

@@ -5,7 +5,8 @@ tables), so it computes what the model computes, but one step is a short list of
 fused q/k/v and gate/up projections with weights prepacked once, the rotary table precomputed for
 the whole cache, tree tokens written straight into their cache slots, and the accepted path
 gathered into place instead of concatenating caches. The layers run as one C++ call where the
-extension builds (native.py), else as the Python loop below: the same operations either way.
+extension builds (native.py), else as the Python loop below: the same operations either way (on the
+CPU both run the extension's fused norm and rotary kernels where it builds).
 
 On a GPU the runner keeps the same layers and cache, and runs a decode step (one token, or a tree
 of up to 128) as a fixed-shape step replayed as a CUDA graph (fixed_step.py): one launch instead
@@ -76,18 +77,29 @@ class _Segment:
 class RMSNorm:
     """transformers' RMSNorm, computed in float32 like it: Llama scales after casting back, Gemma
     multiplies by (1 + w) before casting. torch's fused rms_norm gives the same float32 result as
-    the module's four separate operations."""
+    the module's four separate operations. `fused`: the C++ extension, whose kernel adds the
+    residual and normalises in one pass on the CPU (as the C++ loop does); None: torch's operations."""
 
-    def __init__(self, module: torch.nn.Module, gemma: bool):
+    def __init__(self, module: torch.nn.Module, gemma: bool, fused=None):
         self.eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
         self.shape = tuple(module.weight.shape)
         self.gemma = gemma
         self.weight = 1.0 + module.weight.detach().float() if gemma else module.weight.detach()
+        self.fused = fused
+        self.weight32 = self.weight.float().contiguous() if fused is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_and_norm(x, None)[1]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, the norm of that sum); residual None adds nothing."""
+        if self.fused is not None:
+            return self.fused.add_rms_norm(x.contiguous(), residual, self.weight32, self.eps, self.gemma)
+        if residual is not None:
+            x = x + residual
         if self.gemma:
-            return F.rms_norm(x.float(), self.shape, self.weight, self.eps).type_as(x)
-        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+            return x, F.rms_norm(x.float(), self.shape, self.weight, self.eps).type_as(x)
+        return x, self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
 
 
 @dataclass
@@ -106,13 +118,14 @@ class Layer:
     rope: str  # which rotary table
 
 
-def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool, linear=make_linear) -> Layer:
-    """`linear`: one layer from the projections that read the same input (linear.make_linear)."""
+def _layer_from(module: torch.nn.Module, window: int | None, rope: str, gemma: bool, linear=make_linear, fused=None) -> Layer:
+    """`linear`: one layer from the projections that read the same input (linear.make_linear);
+    `fused`: the C++ extension for the norms (RMSNorm)."""
     attn, mlp = module.self_attn, module.mlp
 
     def norm(name: str, owner: torch.nn.Module = module) -> RMSNorm | None:
         sub = getattr(owner, name, None)
-        return RMSNorm(sub, gemma) if sub is not None else None
+        return RMSNorm(sub, gemma, fused) if sub is not None else None
 
     return Layer(
         attn_norm=norm("input_layernorm"),
@@ -179,15 +192,17 @@ class FastRunner(ModelRunner):
             raise InvalidOptionError(f"an early exit needs 1 to {len(decoder.layers)} layers, got {layers}")
         stored = _stored_weights(model, gguf) if quantize == "gguf" else {}
         linear = partial(make_linear, quantize=quantize, gguf=stored)
+        self._fixed, self._graphs = _step_modes(self.device, fixed_steps, graphs)
+        self._fused = self._fused_kernels(native)
         self._layers = [
-            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, linear)
+            _layer_from(layer, _window(config, i), _rope_key(config, i), gemma, linear, self._fused)
             for i, layer in enumerate(decoder.layers[:layers])
         ]
         self.kernel = quant_kernel(quantize) if quantize else None
         self._windows = sorted({layer.window for layer in self._layers}, key=lambda w: -1 if w is None else w)
         self._rope_keys = sorted({layer.rope for layer in self._layers})
         self._rope_takes_layer_type = "layer_type" in inspect.signature(self._rotary.forward).parameters
-        self._norm = RMSNorm(decoder.norm, gemma)
+        self._norm = RMSNorm(decoder.norm, gemma, self._fused)
         head = model.get_output_embeddings().weight
         self._lm_head = head_linear(head.detach(), quantize, stored.get(id(head)))
         self._softcap = getattr(config, "final_logit_softcapping", None)
@@ -202,7 +217,6 @@ class FastRunner(ModelRunner):
         self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_length = 0
         activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-        self._fixed, self._graphs = _step_modes(self.device, fixed_steps, graphs)
         self._inputs = StagedInputs(input_length(STEP_SIZES[-1]), self.device) if self._fixed else None
         self._decoder, self.loop, self.loop_note = None, Loop.CUDA_GRAPHS if self._graphs else Loop.PYTHON, None
         if native and self.device.type != "cpu":
@@ -210,6 +224,15 @@ class FastRunner(ModelRunner):
         if native is not False and self.device.type == "cpu" and not self._fixed and (native or native_wanted()):
             self._decoder, self.loop_note = self._native_decoder(ACTIVATIONS.get(activation), gemma)
             self.loop = Loop.PYTHON if self._decoder is None else Loop.CPP
+
+    def _fused_kernels(self, native: bool | None):
+        """The C++ extension, whose fused norm and rotary kernels both loops use on the CPU (so the
+        Python loop gives the C++ loop's bits), or None: torch's operations (another device, no
+        build, or TOKENRECYCLE_NATIVE=0 without native=True)."""
+        if self.device.type != "cpu" or self._fixed or not (native or native_wanted()):
+            return None
+        module = native_module()
+        return None if isinstance(module, str) else module
 
     def cache_length(self, slot: int) -> int:
         return self._caches[slot].length
@@ -279,9 +302,7 @@ class FastRunner(ModelRunner):
                 *(list(parts) for parts in zip(*per_mask)),
             )  # fmt: skip
         else:
-            attend = partial(self._attend_segments, segments, masks)
-            for index, layer in enumerate(self._layers):
-                x = self._layer(index, layer, x, rope[layer.rope], attend)
+            x = self._layers_loop(x, rope, partial(self._attend_segments, segments, masks))
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -290,41 +311,63 @@ class FastRunner(ModelRunner):
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits.float()
 
-    def _layer(self, index: int, layer: Layer, x: torch.Tensor, rope, attend) -> torch.Tensor:
-        """One decoder layer; `attend(index, layer, q, k, v)` stores the keys and values and
-        attends (per slot for the eager path, over the whole cache for a fixed step)."""
-        h = self._attention(index, layer, layer.attn_norm(x), rope, attend)
+    def _layers_loop(self, x: torch.Tensor, rope, attend) -> torch.Tensor:
+        """The decoder layers, as the C++ loop runs them: each sublayer's output is added to the
+        residual stream by the norm that follows it."""
+        pending = None
+        for index, layer in enumerate(self._layers):
+            x, pending = self._layer(index, layer, x, pending, rope[layer.rope], attend)
+        return x if pending is None else x + pending
+
+    def _layer(self, index: int, layer: Layer, x: torch.Tensor, pending, rope, attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer: the residual stream with `pending` (the last layer's output) added,
+        and this layer's output. `attend(index, layer, qkv, rope)` rotates, stores the keys and
+        values and attends (per slot for the eager path, over the whole cache for a fixed step)."""
+        x, normed = layer.attn_norm.add_and_norm(x, pending)
+        h = self._attention(index, layer, normed, rope, attend)
         if layer.post_attn_norm is not None:
             h = layer.post_attn_norm(h)
-        x = x + h
-        gate, up = layer.gate_up(layer.mlp_norm(x)).chunk(2, dim=-1)
+        x, normed = layer.mlp_norm.add_and_norm(x, h)
+        gate, up = layer.gate_up(normed).chunk(2, dim=-1)
         h = layer.down(self._act(gate) * up)
         if layer.post_mlp_norm is not None:
             h = layer.post_mlp_norm(h)
-        return x + h
+        return x, h
 
     def _attention(self, index: int, layer: Layer, x: torch.Tensor, rope, attend) -> torch.Tensor:
         n, d = x.shape[0], self._head_dim
         heads, kv_heads = self._num_heads, self._num_kv_heads
         qkv = layer.qkv(x).view(n, heads + 2 * kv_heads, d)
-        if layer.q_norm is None:
-            # Rotate queries and keys together: one set of kernels instead of two.
-            qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
-            q, k = _rotate(qk, *rope).split([heads, kv_heads], dim=1)
-        else:
+        if layer.q_norm is not None:
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
-            q, k = _rotate(layer.q_norm(q), *rope), _rotate(layer.k_norm(k), *rope)
-        return layer.out(attend(index, layer, q, k, v).to(x.dtype))
+            qkv = torch.cat((layer.q_norm(q), layer.k_norm(k), v), dim=1)
+        return layer.out(attend(index, layer, qkv, rope).to(x.dtype))
 
-    def _attend_segments(self, segments: list[_Segment], masks, index: int, layer: Layer, q, k, v) -> torch.Tensor:
+    def _rotated(self, qkv: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys rotated together (one set of kernels instead of two), and the values."""
+        heads, kv_heads = self._num_heads, self._num_kv_heads
+        qk, v = qkv.split([heads + kv_heads, kv_heads], dim=1)
+        q, k = _rotate(qk, *rope).split([heads, kv_heads], dim=1)
+        return q, k, v
+
+    def _attend_segments(self, segments: list[_Segment], masks, index: int, layer: Layer, qkv, rope) -> torch.Tensor:
         """Each slot's rows attend to that slot's own cache (its visible range only)."""
+        if self._fused is not None:  # rotation and cache writes in one pass, as in the C++ loop
+            caches = [segment.cache for segment in segments]
+            q = self._fused.rotate_into_cache(
+                qkv, *rope, self._num_heads, [c.keys for c in caches], [c.values for c in caches],
+                [segment.start for segment in segments], [len(segment.tree) for segment in segments], index,
+            )  # fmt: skip
+        else:
+            q, k, v = self._rotated(qkv, rope)
         outs, row = [], 0
         for segment, by_window in zip(segments, masks):
             first_key, bias, causal = by_window[layer.window]
             # Each sequence attends to its own cache, on its own rows.
             size, start, cache = len(segment.tree), segment.start, segment.cache
             rows = slice(row, row + size)
-            cache.write(index, start, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
+            if self._fused is None:
+                cache.write(index, start, k[rows].transpose(0, 1), v[rows].transpose(0, 1))
             keys, values = cache.view(index, first_key, start + size)
             query = q[rows].transpose(0, 1)[None].to(self._attention_dtype)
             out = F.scaled_dot_product_attention(
@@ -375,17 +418,15 @@ class FastRunner(ModelRunner):
             window: fixed_bias(fixed_visibility(ancestors, depths, start, cache.capacity, window), self._attention_dtype).repeat(group, 1)
             for window in self._windows
         }  # one row per (query head of a group, node): see _attend_fixed
-        attend = partial(self._attend_fixed, cache, slots, biases)
-        x = self._embed(tokens)
-        for index, layer in enumerate(self._layers):
-            x = self._layer(index, layer, x, rope[layer.rope], attend)
+        x = self._layers_loop(self._embed(tokens), rope, partial(self._attend_fixed, cache, slots, biases))
         return self._logits(x)
 
-    def _attend_fixed(self, cache: KVCache, slots: torch.Tensor, biases, index: int, layer: Layer, q, k, v) -> torch.Tensor:
+    def _attend_fixed(self, cache: KVCache, slots: torch.Tensor, biases, index: int, layer: Layer, qkv, rope) -> torch.Tensor:
         """Write the step's keys and values at their slots, attend over the whole cache. The query
         heads that share a key head are stacked along the query rows (query head h uses key head
         h // group, as transformers' repeat_kv), so SDPA needs no GQA support to pick its fused
         kernels, and the keys are never repeated."""
+        q, k, v = self._rotated(qkv, rope)
         n, d = q.shape[0], self._head_dim
         heads, kv_heads = self._num_heads, self._num_kv_heads
         cache.write_slots(index, slots, k.transpose(0, 1), v.transpose(0, 1))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "decoder.cpp"
-SOURCES = (SOURCE, CSRC / "qmatmul.cpp")  # compiled; the digest covers every file in csrc
+SOURCES = (SOURCE, CSRC / "qmatmul.cpp", CSRC / "fused.cpp")  # compiled; the digest covers every file in csrc
 SWITCH = "TOKENRECYCLE_NATIVE"  # 0: always the Python loop
 # -fopenmp: at::parallel_for is a header template that splits work over threads only where the
 # code using it is compiled with OpenMP (without it, the quantised kernel ran on one core). The

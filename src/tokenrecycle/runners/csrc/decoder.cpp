@@ -1,10 +1,13 @@
-// The fast runner's decoder layers in one C++ call: the same ATen operations, in the same order,
-// as FastRunner's Python loop (fast.py), so the results are bit-identical; what goes is the Python
-// interpreter between the ~35 operations of each layer, a few ms of every step on a small model.
+// The fast runner's decoder layers in one C++ call: the same operations, in the same order, as
+// FastRunner's Python loop (fast.py) on the CPU, so the results are bit-identical; what goes is the
+// Python interpreter between the operations of each layer, a few ms of every step on a small model.
+// The residual additions with the norms after them, and the rotary embedding with the cache
+// writes, run fused (fused.h), as the Python loop runs them where this extension is built.
 
 #include <torch/extension.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "fused.h"
 #include "qmatmul.h"
 
 namespace {
@@ -41,7 +44,8 @@ struct Linear {
   }
 };
 
-// fast.py's RMSNorm: Llama scales after casting back, Gemma (weight stored as 1 + w, float32) before.
+// fast.py's RMSNorm, fused with the residual addition before it (fused.h): Llama scales after
+// casting back, Gemma (weight stored as 1 + w) before. The weight is kept in float32.
 struct Norm {
   std::optional<at::Tensor> weight;
   bool gemma;
@@ -50,8 +54,15 @@ struct Norm {
   bool present() const { return weight.has_value(); }
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (gemma) return at::rms_norm(x.to(at::kFloat), {x.size(-1)}, weight, eps).to(x.scalar_type());
-    return *weight * at::rms_norm(x.to(at::kFloat), {x.size(-1)}, std::nullopt, eps).to(x.scalar_type());
+    return std::get<1>(fused::add_rms_norm(x.contiguous(), std::nullopt, *weight, eps, gemma));
+  }
+
+  // x += residual (when defined), and the norm of the sum.
+  at::Tensor add_and_norm(at::Tensor& x, const at::Tensor& residual) const {
+    auto [sum, normed] = fused::add_rms_norm(x, residual.defined() ? std::optional<at::Tensor>(residual) : std::nullopt,
+                                             *weight, eps, gemma);
+    x = sum;
+    return normed;
   }
 };
 
@@ -61,10 +72,6 @@ struct Layer {
   int64_t mask;  // which of the step's masks (one per sliding-window width)
   int64_t rope;  // which rotary table
 };
-
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& signed_sin) {
-  return x * cos + x.roll({x.size(-1) / 2}, {-1}) * signed_sin;
-}
 
 class Decoder {
  public:
@@ -80,7 +87,10 @@ class Decoder {
     TORCH_CHECK(weights.size() == 4 * masks.size() && norms.size() == 6 * masks.size() && norm_eps.size() == norms.size(),
                 "inconsistent layer lists");
     auto linear = [&](size_t i) { return Linear{weights[i], biases[i], scales[i], mins[i], outputs[i], kinds[i]}; };
-    auto norm = [&](size_t i) { return Norm{norms[i], gemma, norm_eps[i]}; };
+    auto norm = [&](size_t i) {
+      auto weight = norms[i].has_value() ? std::optional<at::Tensor>(norms[i]->to(at::kFloat).contiguous()) : std::nullopt;
+      return Norm{weight, gemma, norm_eps[i]};
+    };
     for (size_t l = 0; l < masks.size(); ++l) {
       layers_.push_back(Layer{norm(6 * l), norm(6 * l + 1), norm(6 * l + 2), norm(6 * l + 3), norm(6 * l + 4),
                               norm(6 * l + 5), linear(4 * l), linear(4 * l + 1), linear(4 * l + 2),
@@ -104,19 +114,18 @@ class Decoder {
                     masks.size() % std::max<size_t>(segments, 1) == 0,
                 "inconsistent segment lists");
     const size_t per_segment = segments ? masks.size() / segments : 0;
+    at::Tensor pending;  // the last sublayer's output: added to x by the next norm
     for (size_t index = 0; index < layers_.size(); ++index) {
       const Layer& layer = layers_[index];
-      auto h = attention(index, layer, layer.attn_norm(x), keys, values, starts, sizes, cos[layer.rope],
-                         sin[layer.rope], first_keys, masks, causal, per_segment);
+      auto h = attention(index, layer, layer.attn_norm.add_and_norm(x, pending), keys, values, starts, sizes,
+                         cos[layer.rope], sin[layer.rope], first_keys, masks, causal, per_segment);
       if (layer.post_attn_norm.present()) h = layer.post_attn_norm(h);
-      x = x + h;
-      auto gate_up = layer.gate_up(layer.mlp_norm(x)).chunk(2, -1);
+      auto gate_up = layer.gate_up(layer.mlp_norm.add_and_norm(x, h)).chunk(2, -1);
       auto act = activation_ == kSilu ? at::silu(gate_up[0]) : at::gelu(gate_up[0], "tanh");
-      h = layer.down(act * gate_up[1]);
-      if (layer.post_mlp_norm.present()) h = layer.post_mlp_norm(h);
-      x = x + h;
+      pending = layer.down(act * gate_up[1]);
+      if (layer.post_mlp_norm.present()) pending = layer.post_mlp_norm(pending);
     }
-    return x;
+    return pending.defined() ? x + pending : x;
   }
 
  private:
@@ -127,15 +136,12 @@ class Decoder {
                        const std::vector<bool>& causal, size_t per_segment) const {
     const int64_t n = x.size(0);
     auto qkv = layer.qkv(x).view({n, heads_ + 2 * kv_heads_, head_dim_});
-    at::Tensor q, k, v;
-    if (!layer.q_norm.present()) {  // rotate queries and keys together
-      auto parts = qkv.split_with_sizes({heads_ + kv_heads_, kv_heads_}, 1);
-      auto rotated = rotate(parts[0], cos, sin).split_with_sizes({heads_, kv_heads_}, 1);
-      q = rotated[0], k = rotated[1], v = parts[1];
-    } else {
+    if (layer.q_norm.present()) {
       auto parts = qkv.split_with_sizes({heads_, kv_heads_, kv_heads_}, 1);
-      q = rotate(layer.q_norm(parts[0]), cos, sin), k = rotate(layer.k_norm(parts[1]), cos, sin), v = parts[2];
+      qkv = at::cat({layer.q_norm(parts[0]), layer.k_norm(parts[1]), parts[2]}, 1);
     }
+    // Rotated keys and the values go straight into each segment's cache.
+    auto q = fused::rotate_into_cache(qkv, cos, sin, heads_, keys, values, starts, sizes, index);
     // Each sequence attends to its own cache: one attention call per segment, on its rows alone.
     std::vector<at::Tensor> outs;
     int64_t row = 0;
@@ -143,9 +149,7 @@ class Decoder {
       const int64_t start = starts[s], size = sizes[s];
       const size_t m = s * per_segment + layer.mask;
       auto layer_keys = keys[s].select(0, index), layer_values = values[s].select(0, index);
-      layer_keys.narrow(1, start, size).copy_(k.narrow(0, row, size).transpose(0, 1));
-      layer_values.narrow(1, start, size).copy_(v.narrow(0, row, size).transpose(0, 1));
-      auto query = q.narrow(0, row, size).transpose(0, 1).unsqueeze(0).to(keys[s].scalar_type());
+      auto query = q.narrow(0, row, size).transpose(0, 1).unsqueeze(0);
       auto visible = start + size - first_keys[m];
       auto out = at::scaled_dot_product_attention(query, layer_keys.narrow(1, first_keys[m], visible).unsqueeze(0),
                                                   layer_values.narrow(1, first_keys[m], visible).unsqueeze(0),
@@ -177,6 +181,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qlinear", &qmatmul::linear, "y = x @ W.T + bias for quant.py-packed W", pybind11::arg("x"),
         pybind11::arg("packed"), pybind11::arg("scales"), pybind11::arg("mins"), pybind11::arg("n"),
         pybind11::arg("bits"), pybind11::arg("bias"), pybind11::arg("kernel") = 0);
+  // The fused per-layer operations, for fast.py's Python loop on the CPU (the same bits as here).
+  m.def("add_rms_norm", &fused::add_rms_norm, pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"),
+        pybind11::arg("eps"), pybind11::arg("gemma"));
+  m.def("rotate_into_cache", &fused::rotate_into_cache, pybind11::arg("qkv"), pybind11::arg("cos"),
+        pybind11::arg("signed_sin"), pybind11::arg("heads"), pybind11::arg("keys"), pybind11::arg("values"),
+        pybind11::arg("starts"), pybind11::arg("sizes"), pybind11::arg("layer"));
   m.def("qkernel_name", &qmatmul::kernel_name, pybind11::arg("kernel") = 0);
   m.def("qkernels", &qmatmul::available_kernels);
 }
