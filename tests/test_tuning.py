@@ -11,7 +11,7 @@ import torch
 from tokenrecycle import Generator
 from tokenrecycle.cli import main
 from tokenrecycle.drafters import AdaptiveTreeDrafter
-
+from tokenrecycle.request import RequestSettings
 from tokenrecycle.trees import compile_template
 from tokenrecycle.tuning import ProfileKey, load_profile, read_profile
 
@@ -119,9 +119,10 @@ def test_adaptive_tree_starts_from_the_profile_and_is_lossless(tuned, tiny_model
     assert set(engine.recycling.template.paths[1:]) == set(profile.plan.paths)
     assert engine.recycling_drafter(tree=[]).template.num_nodes == 0  # an empty tree stays empty
     assert isinstance(engine.recycling_drafter(), AdaptiveTreeDrafter)
-    alone = engine.submit(PROMPTS[0])
+    recycling = RequestSettings(drafter="recycling")
+    alone = engine.submit(PROMPTS[0], recycling)
     assert alone.drafter is engine.recycling  # one request at a time: the engine's own, hot table
-    assert engine.submit(PROMPTS[1]).drafter is not engine.recycling  # a second at once: its own
+    assert engine.submit(PROMPTS[1], recycling).drafter is not engine.recycling  # a second at once: its own
     while not engine.idle:
         engine.step()
     for prompt in PROMPTS:
